@@ -1,0 +1,434 @@
+"""Apex model configuration.
+
+Apex is a decoder-only LM whose physical stack is `prelude -> core x K -> coda`: the core layers are shared and run
+`num_refinement_steps` times, with a per-token verifier and a per-token "spiral memory" between passes. Each pass of
+the core is one *unrolled* layer for the purposes of the KV cache, `layer_types` and `output_hidden_states`, so
+`num_hidden_layers` is the unrolled depth `P + K_max * C + D` and transformers' cache classes size themselves with no
+special cache class.
+
+This file is copied verbatim to the Hub next to the weights: it imports only torch / transformers / huggingface_hub.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+
+
+ATTENTION_TYPES = ("gqa", "mla")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+MLP_LAYER_TYPES = ("dense", "sparse")
+ROUTER_SCORING = ("softmax", "sigmoid")
+ATTENTION_OUTPUT_GATES = ("none", "headwise", "elementwise")
+MEMORY_INJECTIONS = ("none", "gated_add", "cross_attention")
+# "dynamic" grows its frequencies past the trained length; every other type has a hard maximum position.
+ROPE_TYPES_WITHOUT_LENGTH_LIMIT = ("dynamic",)
+
+
+def sliding_full_pattern(num_layers: int, full_attention_interval: int) -> list[str]:
+    """`layer_types` for `num_layers` physical layers where every `full_attention_interval`-th layer (1-based) is
+    global and the rest slide, e.g. interval 4 gives `sliding, sliding, sliding, full, sliding, ...`."""
+    if full_attention_interval < 1:
+        raise ValueError(f"full_attention_interval must be >= 1, got {full_attention_interval}")
+    return [
+        "full_attention" if (i + 1) % full_attention_interval == 0 else "sliding_attention" for i in range(num_layers)
+    ]
+
+
+@strict
+class ApexConfig(PreTrainedConfig):
+    r"""
+    Configuration of an Apex model. Every knob has a default; nonsense values raise a `ValueError` naming the field.
+
+    Trunk:
+        vocab_size, hidden_size, num_attention_heads, num_key_value_heads, head_dim (GQA head size; for MLA it is
+        derived as `qk_rope_head_dim`, the rotary size, as in transformers' DeepSeek-V3), intermediate_size (dense
+        SwiGLU width), hidden_act, rms_norm_eps, initializer_range, max_position_embeddings, rope_parameters
+        (`rope_type` one of default / linear / dynamic / yarn / llama3 / longrope, `rope_theta`, ...),
+        partial_rotary_factor (fraction of each GQA head that is rotated), attention_bias, attention_dropout,
+        tie_word_embeddings, use_cache, pad/bos/eos token ids.
+
+    Attention (per layer):
+        attention_type: `"gqa"` (MHA and MQA are GQA with `num_key_value_heads` = heads or 1) or `"mla"` (DeepSeek
+            multi-head latent attention, needs `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`;
+            `q_lora_rank=None` uses a full-rank query projection). MLA caches the compressed latent, not full K/V.
+        layer_types: one of `full_attention` / `sliding_attention` per *unrolled* layer. Leave it `None` and set
+            `sliding_window` + `full_attention_interval` to build "full every n-th physical layer"; with no
+            `sliding_window` every layer is full. A given core layer must have the same type in every pass.
+        sliding_window: window size of sliding layers.
+        qk_norm: RMSNorm on each query / key head before RoPE (Qwen3, Gemma 3). GQA only.
+        attention_output_gate: `"none"`, `"headwise"` (one sigmoid gate per head) or `"elementwise"` (one per
+            channel), computed from the layer input and applied to the attention output before `o_proj` (Qwen3-Next
+            gated attention).
+
+    Feed-forward (per layer):
+        mlp_layer_types: `dense` / `sparse` per unrolled layer; `None` derives it from `num_experts`,
+            `first_k_dense_replace` (the first k *physical* layers are dense) and `moe_layer_freq` (then every n-th
+            physical layer is sparse).
+        num_experts (0 = no MoE), num_experts_per_tok, moe_intermediate_size, num_shared_experts (always-on experts
+            of width `moe_intermediate_size` each, fused into one SwiGLU), router_scoring (`softmax` | `sigmoid`),
+            norm_topk_prob, routed_scaling_factor, n_group / topk_group (group-limited routing: experts are split
+            into `n_group` groups and only the best `topk_group` groups are eligible).
+        router_aux_loss_coef: Switch load-balancing loss on the router logits (transformers convention: added by the
+            causal-LM head, and by TRL, when `output_router_logits`).
+        router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3). The router keeps `e_score_correction_bias`,
+            added to the scores for expert *selection* only; in training the load of each forward is accumulated and,
+            at the start of the next training forward, the bias moves by `rate * sign(mean_load - load)`. It never
+            moves in eval, so evaluation is deterministic. 0 disables it.
+        router_z_loss_coef: ST-MoE router z-loss `mean(logsumexp(logits)^2)`.
+        expert_capacity_factor: token dropping, training only (`None` = off). Each expert takes at most
+            `ceil(factor * tokens * k / num_experts)` assignments per forward, in token order; the rest are dropped.
+            Dropping makes a token's output depend on which *other* tokens, later ones included, chose the same
+            expert: it breaks causality and batch invariance, which is why it is off by default and ignored in eval.
+
+    Refinement loop (the Apex core):
+        num_prelude_layers (P), num_core_layers (C), num_coda_layers (D), num_refinement_steps (K, default passes),
+        max_refinement_steps (K_max >= K: the passes the cache has room for, so K can be raised at inference up to
+        it). `num_hidden_layers` is derived as `P + K_max * C + D`; passing a contradicting value is an error.
+        memory_injection: `"none"` (the loop is a plain weight-shared recurrence; with K = 1 the model is exactly a
+            standard decoder), `"gated_add"` (the spiral memory is added to the next pass's input and the coda's
+            through a learned per-channel gate) or `"cross_attention"` (each token attends over its *own* memory
+            history M_1..M_k, which is causal by construction and needs no cache).
+        refinement_dim: width of the proposal / review / refinement projections.
+        verifier_loss_coef: weight of the verifier loss. The verifier predicts, per token and pass, how close this
+            pass's final-normed state already is to the last pass's (cosine similarity, a convergence / halting
+            target that needs no labels), so generation can skip passes where it is confident.
+        consistency_loss_coef: weight of `1 - cos(h_k, h_{k+1})` between consecutive passes (pushes the loop towards
+            a fixed point, which makes early exit safe).
+        Auxiliary losses (verifier, consistency, router z-loss) are attached to the activations with an identity
+        autograd function that adds their gradient in backward, so they also train when a trainer (TRL) runs only
+        the backbone and its own LM head. Their values are kept in `ApexModel.aux_losses` for logging.
+
+    Optional heads:
+        num_mtp_layers: DeepSeek-V3 multi-token prediction depth (auxiliary loss on token t+1+d), weighted by
+            `mtp_loss_coef`.
+    """
+
+    model_type = "apex"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    # The parallel plans follow qwen3_moe / deepseek_v3. Layers are physical layers (`layers.*`); the core is reused
+    # across passes, so a plan shards it once.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    # trunk
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 4096
+    rope_parameters: RopeParameters | dict | None = None
+    partial_rotary_factor: float = 1.0
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    # attention
+    attention_type: str = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    full_attention_interval: int | None = None
+    qk_norm: bool = False
+    attention_output_gate: str = "none"
+
+    # feed-forward
+    mlp_layer_types: list[str] | None = None
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 704
+    num_shared_experts: int = 0
+    router_scoring: str = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_aux_loss_coef: float = 0.001
+    router_bias_update_rate: float = 0.0
+    router_z_loss_coef: float = 0.0
+    expert_capacity_factor: float | None = None
+    output_router_logits: bool = False
+
+    # refinement loop
+    num_prelude_layers: int = 2
+    num_core_layers: int = 4
+    num_coda_layers: int = 2
+    num_refinement_steps: int = 1
+    max_refinement_steps: int | None = None
+    num_hidden_layers: int | None = None
+    memory_injection: str = "none"
+    refinement_dim: int | None = None
+    verifier_loss_coef: float = 0.1
+    consistency_loss_coef: float = 0.0
+
+    # optional heads
+    num_mtp_layers: int = 0
+    mtp_loss_coef: float = 0.3
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.max_refinement_steps is None:
+            self.max_refinement_steps = self.num_refinement_steps
+        if self.attention_type == "mla":
+            # transformers' RoPE helpers read `head_dim` as the rotary size; for MLA that is the decoupled rope part.
+            self.head_dim = self.qk_rope_head_dim
+        elif self.head_dim is None:
+            if self.num_attention_heads < 1 or self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; fix one of them or set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.refinement_dim is None:
+            self.refinement_dim = max(self.hidden_size // 4, 1)
+
+        unrolled = self.num_prelude_layers + self.max_refinement_steps * self.num_core_layers + self.num_coda_layers
+        if self.num_hidden_layers is not None and self.num_hidden_layers != unrolled:
+            raise ValueError(
+                f"num_hidden_layers={self.num_hidden_layers} contradicts the refinement loop: it must equal "
+                f"num_prelude_layers + max_refinement_steps * num_core_layers + num_coda_layers = "
+                f"{self.num_prelude_layers} + {self.max_refinement_steps} * {self.num_core_layers} + "
+                f"{self.num_coda_layers} = {unrolled} (leave it unset to derive it)"
+            )
+        self.num_hidden_layers = unrolled
+
+        if self.layer_types is None:
+            if self.sliding_window is None:
+                physical_types = ["full_attention"] * self.num_physical_layers
+            elif self.full_attention_interval is None:
+                physical_types = ["sliding_attention"] * self.num_physical_layers
+            else:
+                physical_types = sliding_full_pattern(self.num_physical_layers, self.full_attention_interval)
+            self.layer_types = self.unroll(physical_types)
+        if self.mlp_layer_types is None:
+            physical_mlp = [
+                "sparse"
+                if self.num_experts > 0 and i >= self.first_k_dense_replace and (i + 1) % self.moe_layer_freq == 0
+                else "dense"
+                for i in range(self.num_physical_layers)
+            ]
+            self.mlp_layer_types = self.unroll(physical_mlp)
+        super().__post_init__(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Unrolled <-> physical layer indices
+
+    @property
+    def num_physical_layers(self) -> int:
+        return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+
+    def physical_layer_index(self, unrolled_index: int) -> int:
+        """The physical layer that computes unrolled layer `unrolled_index`."""
+        prelude, core = self.num_prelude_layers, self.num_core_layers
+        core_end = prelude + self.max_refinement_steps * core
+        if unrolled_index < prelude:
+            return unrolled_index
+        if unrolled_index < core_end:
+            return prelude + (unrolled_index - prelude) % core
+        return unrolled_index - core_end + prelude + core
+
+    def first_unrolled_index(self, physical_index: int) -> int:
+        """The unrolled index of a physical layer's first use (its first pass, for a core layer)."""
+        if physical_index < self.num_prelude_layers + self.num_core_layers:
+            return physical_index
+        return physical_index + (self.max_refinement_steps - 1) * self.num_core_layers
+
+    def unroll(self, per_physical_layer: list) -> list:
+        """Expand a per-physical-layer list to one entry per unrolled layer."""
+        return [per_physical_layer[self.physical_layer_index(u)] for u in range(self.num_hidden_layers)]
+
+    def physical(self, field: str) -> list:
+        """A per-unrolled-layer field (`layer_types`, `mlp_layer_types`) as one entry per physical layer."""
+        values = getattr(self, field)
+        return [values[self.first_unrolled_index(p)] for p in range(self.num_physical_layers)]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Validation: `@strict` runs every `validate_*` method at init and in `save_pretrained`.
+
+    def validate_apex_trunk(self):
+        for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                      "max_position_embeddings"):
+            _require(getattr(self, field) >= 1, field, getattr(self, field), ">= 1")
+        _require(self.intermediate_size >= 1, "intermediate_size", self.intermediate_size, ">= 1")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
+        _require(self.initializer_range >= 0, "initializer_range", self.initializer_range, ">= 0")
+        _require(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "in [0, 1)")
+        _require(0 < self.partial_rotary_factor <= 1, "partial_rotary_factor", self.partial_rotary_factor,
+                 "in (0, 1]")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
+                f"{self.num_attention_heads} (grouped-query attention shares each KV head by a whole group)"
+            )
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_parameters.rope_type={rope_type!r} is unknown; allowed: "
+                f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
+            )
+        if self.hidden_act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"):
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not a supported SwiGLU/GeGLU activation")
+
+    def validate_apex_attention(self):
+        _require(self.attention_type in ATTENTION_TYPES, "attention_type", self.attention_type, ATTENTION_TYPES)
+        _require(self.attention_output_gate in ATTENTION_OUTPUT_GATES, "attention_output_gate",
+                 self.attention_output_gate, ATTENTION_OUTPUT_GATES)
+        if self.attention_type == "gqa":
+            _require(self.head_dim is not None and self.head_dim >= 1, "head_dim", self.head_dim, ">= 1")
+            rotary = int(self.head_dim * self.partial_rotary_factor)
+            if rotary < 2 or rotary % 2:
+                raise ValueError(
+                    f"partial_rotary_factor={self.partial_rotary_factor} gives a rotary size of {rotary} for "
+                    f"head_dim={self.head_dim}; it must be an even number >= 2"
+                )
+        else:
+            for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                value = getattr(self, field)
+                if value is None or value < 1:
+                    raise ValueError(f"attention_type='mla' needs {field} >= 1, got {value}")
+            if self.q_lora_rank is not None:
+                _require(self.q_lora_rank >= 1, "q_lora_rank", self.q_lora_rank, ">= 1 or None")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+            if self.qk_norm:
+                raise ValueError("qk_norm is only defined for attention_type='gqa' (MLA normalises its latents)")
+            if self.partial_rotary_factor != 1.0:
+                raise ValueError("partial_rotary_factor does not apply to MLA; size the rope part with qk_rope_head_dim")
+        if self.sliding_window is not None:
+            _require(self.sliding_window >= 1, "sliding_window", self.sliding_window, ">= 1 or None")
+        bad = [t for t in self.layer_types if t not in ATTENTION_LAYER_TYPES]
+        if bad:
+            raise ValueError(f"layer_types entries must be in {ATTENTION_LAYER_TYPES}, got {sorted(set(bad))}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
+        self._validate_unrolled_list("layer_types")
+
+    def validate_apex_moe(self):
+        bad = [t for t in self.mlp_layer_types if t not in MLP_LAYER_TYPES]
+        if bad:
+            raise ValueError(f"mlp_layer_types entries must be in {MLP_LAYER_TYPES}, got {sorted(set(bad))}")
+        self._validate_unrolled_list("mlp_layer_types")
+        _require(self.num_experts >= 0, "num_experts", self.num_experts, ">= 0")
+        _require(self.first_k_dense_replace >= 0, "first_k_dense_replace", self.first_k_dense_replace, ">= 0")
+        _require(self.moe_layer_freq >= 1, "moe_layer_freq", self.moe_layer_freq, ">= 1")
+        for field in ("router_aux_loss_coef", "router_bias_update_rate", "router_z_loss_coef",
+                      "verifier_loss_coef", "consistency_loss_coef", "mtp_loss_coef"):
+            _require(getattr(self, field) >= 0, field, getattr(self, field), ">= 0 (a loss coefficient)")
+        if self.num_experts == 0 and "sparse" not in self.mlp_layer_types:
+            return
+        _require(self.num_experts >= 1, "num_experts", self.num_experts, ">= 1 when any mlp_layer_types is 'sparse'")
+        _require(1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok", self.num_experts_per_tok,
+                 f"in [1, num_experts={self.num_experts}]")
+        _require(self.moe_intermediate_size >= 1, "moe_intermediate_size", self.moe_intermediate_size, ">= 1")
+        _require(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts, ">= 0")
+        _require(self.router_scoring in ROUTER_SCORING, "router_scoring", self.router_scoring, ROUTER_SCORING)
+        _require(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "> 0")
+        _require(self.n_group >= 1 and self.num_experts % self.n_group == 0, "n_group", self.n_group,
+                 f"a divisor of num_experts={self.num_experts}")
+        _require(1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group, f"in [1, n_group={self.n_group}]")
+        eligible = self.topk_group * self.num_experts // self.n_group
+        if self.num_experts_per_tok > eligible:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {eligible} experts that group-limited "
+                f"routing leaves eligible (topk_group={self.topk_group} of n_group={self.n_group} groups)"
+            )
+        if self.expert_capacity_factor is not None:
+            _require(self.expert_capacity_factor > 0, "expert_capacity_factor", self.expert_capacity_factor,
+                     "> 0 or None")
+
+    def validate_apex_refinement(self):
+        _require(self.num_prelude_layers >= 0, "num_prelude_layers", self.num_prelude_layers, ">= 0")
+        _require(self.num_core_layers >= 1, "num_core_layers", self.num_core_layers, ">= 1")
+        _require(self.num_coda_layers >= 0, "num_coda_layers", self.num_coda_layers, ">= 0")
+        _require(self.num_refinement_steps >= 1, "num_refinement_steps", self.num_refinement_steps, ">= 1")
+        _require(self.max_refinement_steps >= self.num_refinement_steps, "max_refinement_steps",
+                 self.max_refinement_steps, f">= num_refinement_steps={self.num_refinement_steps}")
+        _require(self.memory_injection in MEMORY_INJECTIONS, "memory_injection", self.memory_injection,
+                 MEMORY_INJECTIONS)
+        _require(self.refinement_dim >= 1, "refinement_dim", self.refinement_dim, ">= 1")
+        _require(self.num_mtp_layers >= 0, "num_mtp_layers", self.num_mtp_layers, ">= 0")
+
+    def _validate_unrolled_list(self, field: str):
+        values = getattr(self, field)
+        if len(values) != self.num_hidden_layers:
+            raise ValueError(
+                f"{field} has {len(values)} entries but the model has {self.num_hidden_layers} unrolled layers "
+                f"(num_prelude_layers + max_refinement_steps * num_core_layers + num_coda_layers)"
+            )
+        for unrolled, value in enumerate(values):
+            first = values[self.first_unrolled_index(self.physical_layer_index(unrolled))]
+            if value != first:
+                raise ValueError(
+                    f"{field}[{unrolled}]={value!r} differs from the same core layer's first pass ({first!r}); a "
+                    f"shared core layer has one type in every refinement pass"
+                )
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_parameters or {}).get("rope_type", "default")
+
+    @property
+    def max_trained_length(self) -> int | None:
+        """Longest sequence the positional encoding supports, or `None` when RoPE scaling extrapolates freely."""
+        return None if self.rope_type in ROPE_TYPES_WITHOUT_LENGTH_LIMIT else self.max_position_embeddings
+
+    @property
+    def has_refinement_memory(self) -> bool:
+        return self.memory_injection != "none"
+
+    def expert_capacity(self, num_tokens: int) -> int:
+        return math.ceil(self.expert_capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts)
+
+
+def _require(ok: bool, field: str, value, allowed) -> None:
+    if not ok:
+        allowed = f"one of {allowed}" if isinstance(allowed, tuple) else allowed
+        raise ValueError(f"{field}={value!r} is invalid: must be {allowed}")
+
+
+__all__ = ["ApexConfig", "sliding_full_pattern"]

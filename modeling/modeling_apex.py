@@ -1,0 +1,1010 @@
+"""Apex: a hybrid Mixture-of-Experts + iterative-refinement decoder, as a transformers 5 model.
+
+The file reads top to bottom: norm -> rope -> attention (GQA, MLA) -> dense MLP -> experts -> router -> MoE block ->
+decoder layer -> refinement (verifier + spiral memory) -> model -> multi-token prediction -> causal-LM head.
+
+Physical stack: `num_prelude_layers` -> `num_core_layers` run K times -> `num_coda_layers`. Each pass of the core is
+one *unrolled* layer: it owns its own KV-cache slot (`cache_index`) and `layer_types` entry, so transformers'
+`DynamicCache(config=...)` and `StaticCache` size themselves from `num_hidden_layers` with no special cache class.
+
+This file is copied verbatim to the Hub by `save_pretrained`: it imports only torch, transformers and its sibling
+`configuration_apex.py`.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_apex import ApexConfig
+
+
+try:  # transformers >= 5.23
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers 5.17 - 5.22 inline the same slicing in every head
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Auxiliary losses that survive trainers which run only the backbone
+
+
+class AuxLossAutoScaler(torch.autograd.Function):
+    """Returns `activation` unchanged and, in backward, gives `aux_loss` a gradient of 1 (Megatron-LM's
+    MoEAuxLossAutoScaler). Attaching a weighted auxiliary loss to an activation on the path to the main loss makes it
+    train whatever computes that main loss — TRL's trainers run only `ApexModel` and their own LM head, so a loss added
+    in `ApexForCausalLM.forward` would be silently dropped there."""
+
+    @staticmethod
+    def forward(ctx, activation: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return activation
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(aux_loss)
+
+
+def attach_aux_loss(activation: torch.Tensor, weighted_loss: torch.Tensor) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and weighted_loss.requires_grad):
+        return activation
+    return AuxLossAutoScaler.apply(activation, weighted_loss)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Norm and rotary embedding
+
+
+class ApexRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class ApexRotaryEmbedding(nn.Module):
+    def __init__(self, config: ApexConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_type
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: ApexConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        """Plain RoPE over the first `partial_rotary_factor` of each head (`head_dim` is the rope size for MLA)."""
+        base = config.rope_parameters["rope_theta"]
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """RoPE on the leading `cos.shape[-1]` channels of each head; the rest pass through (partial rotary)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = torch.cat(((q_rot * cos) + (rotate_half(q_rot) * sin), q_pass), dim=-1)
+    k_embed = torch.cat(((k_rot * cos) + (rotate_half(k_rot) * sin), k_pass), dim=-1)
+    return q_embed, k_embed
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class ApexAttentionOutputGate(nn.Module):
+    """Sigmoid gate on the attention output, from the layer input (Qwen3-Next gated attention): one gate per head
+    (`headwise`) or per channel (`elementwise`). It lets a head output nothing, which removes attention sinks."""
+
+    def __init__(self, config: ApexConfig, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        gate_size = num_heads if config.attention_output_gate == "headwise" else num_heads * head_dim
+        self.proj = nn.Linear(config.hidden_size, gate_size, bias=config.attention_bias)
+
+    def forward(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.proj(hidden_states))
+        if gate.shape[-1] == self.num_heads:
+            gate = gate.repeat_interleave(attn_output.shape[-1] // self.num_heads, dim=-1)
+        return attn_output * gate
+
+
+class ApexAttention(nn.Module):
+    """Grouped-query attention (MHA / MQA when kv heads = heads / 1), optional QK-norm, partial RoPE, output gate."""
+
+    def __init__(self, config: ApexConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
+
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        if config.qk_norm:
+            self.q_norm = ApexRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = ApexRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        if config.attention_output_gate != "none":
+            self.output_gate = ApexAttentionOutputGate(config, config.num_attention_heads, self.head_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        cache_index: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states = query_states.transpose(1, 2)
+        key_states = key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, cache_index)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        if self.config.attention_output_gate != "none":
+            attn_output = self.output_gate(attn_output, hidden_states)
+        return self.o_proj(attn_output), attn_weights
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+class ApexMLAttention(nn.Module):
+    """DeepSeek multi-head latent attention. The cache holds the normed KV latent and the shared rotary key, not the
+    per-head keys and values, which is what makes MLA's cache small."""
+
+    def __init__(self, config: ApexConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1  # keys and values are expanded per head from the latent
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.sliding_window = config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = ApexRMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        self.kv_a_layernorm = ApexRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+        if config.attention_output_gate != "none":
+            self.output_gate = ApexAttentionOutputGate(config, self.num_heads, self.v_head_dim)
+
+        self.scaling = self.qk_head_dim**-0.5
+        mscale_all_dim = config.rope_parameters.get("mscale_all_dim", 0)
+        if config.rope_type != "default" and mscale_all_dim:
+            self.scaling *= yarn_get_mscale(config.rope_parameters["factor"], mscale_all_dim) ** 2
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        cache_index: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_length = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            query_states = self.q_proj(hidden_states)
+        else:
+            query_states = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        query_states = query_states.view(batch_size, seq_length, -1, self.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(query_states, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        kv_latent, k_rot = torch.split(
+            self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
+        # Single-head 4D views so that every cache layer type stores the latents like ordinary keys / values.
+        kv_latent = self.kv_a_layernorm(kv_latent).view(batch_size, 1, seq_length, self.kv_lora_rank)
+        k_rot = k_rot.view(batch_size, 1, seq_length, self.qk_rope_head_dim)
+
+        cos, sin = position_embeddings
+        q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+        if past_key_values is not None:
+            kv_latent, k_rot = past_key_values.update(kv_latent, k_rot, cache_index)
+
+        key_value = self.kv_b_proj(kv_latent).view(batch_size, kv_latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_pass, value_states = torch.split(key_value.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_states = torch.cat((k_pass, k_rot.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        query_states = torch.cat((q_pass, q_rot), dim=-1)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_length, -1).contiguous()
+        if self.config.attention_output_gate != "none":
+            attn_output = self.output_gate(attn_output, hidden_states)
+        return self.o_proj(attn_output), attn_weights
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU, fused experts, router, MoE block
+
+
+class ApexMLP(nn.Module):
+    def __init__(self, config: ApexConfig, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@use_experts_implementation
+class ApexExperts(nn.Module):
+    """Routed experts as fused 3D parameters, so transformers' eager / batched_mm / grouped_mm kernels and PEFT's
+    `target_parameters` apply. The forward below is the eager reference."""
+
+    def __init__(self, config: ApexConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class ApexTopKRouter(nn.Module):
+    """Softmax or sigmoid scoring, optional group-limited selection, top-k, renormalisation and routed scaling.
+
+    `e_score_correction_bias` shifts the scores used to *choose* experts, never the mixing weights (DeepSeek-V3
+    aux-loss-free balancing). Logits are computed in fp32: routing decisions flip on bf16 rounding otherwise.
+    Returns `(router_logits, top_k_weights, top_k_index)`, the transformers MoE convention."""
+
+    def __init__(self, config: ApexConfig):
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts))
+        # Assignments per expert since the last bias update (aux-loss-free balancing); not part of the checkpoint.
+        self.expert_load = nn.Buffer(torch.zeros(self.num_experts), persistent=False)
+        self.last_z_loss: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        if self.config.router_scoring == "softmax":
+            scores = router_logits.softmax(dim=-1)
+        else:
+            scores = router_logits.sigmoid()
+        scores_for_choice = self._restrict_to_top_groups(scores + self.e_score_correction_bias)
+        top_k_index = torch.topk(scores_for_choice, self.top_k, dim=-1)[1]
+        top_k_weights = scores.gather(1, top_k_index)
+        if self.config.norm_topk_prob:
+            top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        top_k_weights = top_k_weights * self.config.routed_scaling_factor
+
+        if self.training:
+            top_k_weights = self._training_extras(router_logits, top_k_index, top_k_weights)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+    def _restrict_to_top_groups(self, scores: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing: only experts in the `topk_group` best of `n_group` groups stay eligible. A group is
+        scored by its best expert (softmax, DeepSeek-V2) or its two best summed (sigmoid, DeepSeek-V3)."""
+        n_group = self.config.n_group
+        if n_group == 1:
+            return scores
+        grouped = scores.view(-1, n_group, self.num_experts // n_group)
+        top_in_group = 2 if self.config.router_scoring == "sigmoid" else 1
+        group_scores = grouped.topk(min(top_in_group, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.config.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()
+        return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
+
+    def _training_extras(self, router_logits, top_k_index, top_k_weights):
+        config = self.config
+        if config.expert_capacity_factor is not None:
+            capacity = config.expert_capacity(router_logits.shape[0])
+            assignments = F.one_hot(top_k_index, self.num_experts)
+            # Position of each assignment in its expert's queue, tokens in order (this is what breaks causality).
+            queue_position = (assignments.flatten(0, 1).cumsum(0).view_as(assignments) * assignments).sum(-1) - 1
+            top_k_weights = top_k_weights * (queue_position < capacity)
+        if config.router_bias_update_rate > 0:
+            with torch.no_grad():
+                self.expert_load.scatter_add_(
+                    0, top_k_index.flatten(), torch.ones_like(top_k_index.flatten(), dtype=self.expert_load.dtype)
+                )
+        if config.router_z_loss_coef > 0:
+            z_loss = torch.logsumexp(router_logits, dim=-1).pow(2).mean()
+            self.last_z_loss = z_loss.detach()
+            top_k_weights = attach_aux_loss(top_k_weights, config.router_z_loss_coef * z_loss)
+        return top_k_weights
+
+    @torch.no_grad()
+    def update_bias_from_load(self) -> None:
+        """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower over-loaded ones."""
+        load = self.expert_load
+        self.e_score_correction_bias.add_(self.config.router_bias_update_rate * torch.sign(load.mean() - load))
+        load.zero_()
+
+
+class ApexSparseMoeBlock(nn.Module):
+    def __init__(self, config: ApexConfig):
+        super().__init__()
+        self.experts = ApexExperts(config)
+        self.gate = ApexTopKRouter(config)
+        if config.num_shared_experts > 0:
+            self.shared_experts = ApexMLP(config, config.moe_intermediate_size * config.num_shared_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        flat = hidden_states.view(-1, hidden_dim)
+        _, routing_weights, selected_experts = self.gate(flat)
+        output = self.experts(flat, selected_experts, routing_weights).view(batch_size, sequence_length, hidden_dim)
+        if hasattr(self, "shared_experts"):
+            output = output + self.shared_experts(hidden_states)
+        return output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoder layer
+
+
+class ApexDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm attention + feed-forward. `layer_idx` is the *physical* index; the unrolled `cache_index` comes with
+    each call because a core layer runs once per refinement pass."""
+
+    def __init__(self, config: ApexConfig, layer_idx: int):
+        super().__init__()
+        attention_class = ApexMLAttention if config.attention_type == "mla" else ApexAttention
+        self.self_attn = attention_class(config, layer_idx)
+        if config.physical("mlp_layer_types")[layer_idx] == "sparse":
+            self.mlp = ApexSparseMoeBlock(config)
+        else:
+            self.mlp = ApexMLP(config)
+        self.input_layernorm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        cache_index: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            past_key_values=past_key_values,
+            cache_index=cache_index,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Refinement: proposal / review / refinement heads, verifier, spiral memory
+
+
+class ApexRefinement(nn.Module):
+    """What runs between two passes of the shared core, per token (so it cannot leak future positions).
+
+    After pass k the normed state x_k is projected into a proposal P_k, a review C_k and a refinement R_k. The
+    verifier reads R_k and outputs s_k in [0, 1], its estimate of how converged the token already is. The spiral
+    memory M_k is a gated update of M_{k-1} towards `tanh(W [P_k, C_k, R_k, embed(s_k), anchor])`, where the anchor is
+    the prelude output (the invariant the loop must not drift from). M_k is injected into the next pass and the coda:
+    `gated_add` adds it through a per-channel gate; `cross_attention` lets the token attend over its own history
+    M_1..M_k (same position, earlier passes only: causal, and nothing to cache across positions).
+    """
+
+    def __init__(self, config: ApexConfig):
+        super().__init__()
+        hidden, width = config.hidden_size, config.refinement_dim
+        self.injection = config.memory_injection
+        self.input_norm = ApexRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.proposal_proj = nn.Linear(hidden, width, bias=False)
+        self.review_proj = nn.Linear(hidden, width, bias=False)
+        self.refinement_proj = nn.Linear(hidden, width, bias=False)
+        self.anchor_proj = nn.Linear(hidden, width, bias=False)
+        self.verifier = nn.Linear(width, 1)
+        self.score_embed = nn.Linear(1, width)
+        self.memory_update = nn.Linear(5 * width, 2 * hidden)  # candidate and update gate
+        if self.injection == "cross_attention":
+            self.memory_query = nn.Linear(hidden, width, bias=False)
+            self.memory_key = nn.Linear(hidden, width, bias=False)
+            self.memory_value = nn.Linear(hidden, hidden, bias=False)
+        # Per-channel strength of the memory in the residual stream; zero makes the loop a plain recurrence.
+        self.memory_gate = nn.Parameter(torch.zeros(hidden))
+
+    def encode_anchor(self, anchor: torch.Tensor) -> torch.Tensor:
+        return self.anchor_proj(self.input_norm(anchor))
+
+    def forward(
+        self, hidden_states: torch.Tensor, anchor_features: torch.Tensor, memory: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One refinement step: returns the verifier score `[batch, seq]` and the updated memory `[batch, seq, hidden]`."""
+        x = self.input_norm(hidden_states)
+        refinement = self.refinement_proj(x)
+        score = torch.sigmoid(self.verifier(F.silu(refinement)))
+        features = torch.cat(
+            (self.proposal_proj(x), self.review_proj(x), refinement, self.score_embed(score), anchor_features), dim=-1
+        )
+        candidate, update_gate = self.memory_update(features).chunk(2, dim=-1)
+        candidate, update_gate = torch.tanh(candidate), torch.sigmoid(update_gate)
+        memory = update_gate * candidate if memory is None else memory + update_gate * (candidate - memory)
+        return score.squeeze(-1), memory
+
+    def inject(self, hidden_states: torch.Tensor, memories: list[torch.Tensor]) -> torch.Tensor:
+        if self.injection == "gated_add":
+            return hidden_states + self.memory_gate * memories[-1]
+        history = torch.stack(memories, dim=-2)  # [batch, seq, passes, hidden]
+        query = self.memory_query(self.input_norm(hidden_states)).unsqueeze(-2)
+        weights = (query * self.memory_key(history)).sum(-1) / math.sqrt(query.shape[-1])
+        read = (weights.softmax(dim=-1).unsqueeze(-1) * self.memory_value(history)).sum(-2)
+        return hidden_states + self.memory_gate * read
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pre-trained model base
+
+
+@dataclass
+class ApexModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus, per refinement pass, the verifier scores `[batch, seq]` and the spiral memory
+    `[batch, seq, hidden]` (empty when `memory_injection="none"`)."""
+
+    verifier_scores: tuple[torch.Tensor, ...] | None = None
+    memory_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ApexCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    verifier_scores: tuple[torch.Tensor, ...] | None = None
+    memory_states: tuple[torch.Tensor, ...] | None = None
+    mtp_loss: torch.Tensor | None = None
+
+
+class ApexPreTrainedModel(PreTrainedModel):
+    config: ApexConfig
+    config_class = ApexConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ApexDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # eager experts and the training-time router statistics are data dependent
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(ApexTopKRouter, index=0),
+        "hidden_states": ApexDecoderLayer,
+        "attentions": OutputRecorder(nn.Module, index=1, class_name="self_attn"),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ApexExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, ApexTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.expert_load)
+        elif isinstance(module, ApexRefinement):
+            # Small but non-zero so the memory gets gradient from the first step; upcycling sets it to zero.
+            init.constant_(module.memory_gate, std)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The backbone: embeddings -> prelude -> core x K (+ refinement) -> coda -> final norm
+
+
+class ApexModel(ApexPreTrainedModel):
+    def __init__(self, config: ApexConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([ApexDecoderLayer(config, i) for i in range(config.num_physical_layers)])
+        if config.has_refinement_memory:
+            self.refinement = ApexRefinement(config)
+        self.norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ApexRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        # Detached values of the Apex auxiliary losses of the last forward, for logging (trainers never see them).
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_refinement_steps: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ApexModelOutputWithPast:
+        r"""
+        num_refinement_steps (`int`, *optional*):
+            Passes of the shared core for this call, between 1 and `config.max_refinement_steps` (the passes the
+            cache has slots for). Defaults to `config.num_refinement_steps`. Keep it fixed within one generation.
+        """
+        config = self.config
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        num_passes = self._resolve_refinement_steps(num_refinement_steps)
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_length(past_seen_tokens + inputs_embeds.shape[1])
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+        if self.training:
+            self._update_router_biases()
+
+        if not isinstance(causal_mask_mapping := attention_mask, dict):
+            mask_kwargs = {
+                "config": config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in config.layer_types:
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        def run_layer(hidden_states: torch.Tensor, unrolled_index: int) -> torch.Tensor:
+            return self.layers[config.physical_layer_index(unrolled_index)](
+                hidden_states,
+                attention_mask=causal_mask_mapping[config.layer_types[unrolled_index]],
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                cache_index=unrolled_index,
+                **kwargs,
+            )
+
+        prelude, core = config.num_prelude_layers, config.num_core_layers
+        hidden_states = inputs_embeds
+        for unrolled_index in range(prelude):
+            hidden_states = run_layer(hidden_states, unrolled_index)
+
+        refinement = getattr(self, "refinement", None)
+        anchor_features = refinement.encode_anchor(hidden_states) if refinement is not None else None
+        pass_states, verifier_scores, memories = [], [], []
+        for step in range(num_passes):
+            if step > 0 and refinement is not None:
+                hidden_states = refinement.inject(hidden_states, memories)
+            for core_index in range(core):
+                hidden_states = run_layer(hidden_states, prelude + step * core + core_index)
+            pass_states.append(hidden_states)
+            if refinement is not None:
+                score, memory = refinement(hidden_states, anchor_features, memories[-1] if memories else None)
+                verifier_scores.append(score)
+                memories.append(memory)
+
+        if refinement is not None:
+            hidden_states = refinement.inject(hidden_states, memories)
+        coda_start = prelude + config.max_refinement_steps * core
+        for unrolled_index in range(coda_start, config.num_hidden_layers):
+            hidden_states = run_layer(hidden_states, unrolled_index)
+        hidden_states = self.norm(hidden_states)
+        hidden_states = self._attach_refinement_losses(hidden_states, pass_states, verifier_scores, attention_mask)
+
+        return ApexModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            verifier_scores=tuple(verifier_scores),
+            memory_states=tuple(memories),
+        )
+
+    def _resolve_refinement_steps(self, num_refinement_steps: int | None) -> int:
+        if num_refinement_steps is None:
+            return self.config.num_refinement_steps
+        if not 1 <= num_refinement_steps <= self.config.max_refinement_steps:
+            raise ValueError(
+                f"num_refinement_steps={num_refinement_steps} is out of range: this model's cache has slots for "
+                f"1..{self.config.max_refinement_steps} passes (config.max_refinement_steps)"
+            )
+        return num_refinement_steps
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return
+        low, high = input_ids.min().item(), input_ids.max().item()
+        if low < 0 or high >= self.config.vocab_size:
+            bad = high if high >= self.config.vocab_size else low
+            raise IndexError(
+                f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size}); "
+                f"check that the tokenizer matches the model (resize the embeddings if the tokenizer grew)"
+            )
+
+    def _check_length(self, total_length: int) -> None:
+        limit = self.config.max_trained_length
+        if limit is not None and total_length > limit:
+            raise ValueError(
+                f"Sequence length {total_length} (cached + new tokens) exceeds max_position_embeddings={limit}, "
+                f"and rope_type={self.config.rope_type!r} does not extrapolate; use a shorter input or a RoPE "
+                f"scaling (e.g. rope_type='dynamic', or 'yarn' with a larger max_position_embeddings)"
+            )
+
+    def _update_router_biases(self) -> None:
+        """Apply the aux-loss-free bias update for the load seen since the previous training forward. Doing it here,
+        before any layer runs, keeps routing identical between a layer's forward and its activation-checkpointing
+        recompute."""
+        if self.config.router_bias_update_rate <= 0:
+            return
+        for module in self.modules():
+            if isinstance(module, ApexTopKRouter) and module.expert_load.sum() > 0:
+                module.update_bias_from_load()
+
+    def _attach_refinement_losses(self, hidden_states, pass_states, verifier_scores, attention_mask):
+        """Verifier and consistency losses, attached to the final hidden state so that they train under any loss
+        computed from it (see `AuxLossAutoScaler`). Their detached values go to `self.aux_losses`."""
+        config = self.config
+        self.aux_losses = {}
+        token_weights = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            token_weights = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)
+
+        def token_mean(values: torch.Tensor) -> torch.Tensor:
+            if token_weights is None:
+                return values.mean()
+            return (values * token_weights).sum() / token_weights.sum().clamp(min=1)
+
+        total = hidden_states.new_zeros(())
+        if verifier_scores:
+            final = pass_states[-1].detach().float()
+            losses = []
+            for state, score in zip(pass_states, verifier_scores):
+                # Target: how close this pass already is to the last one (1 for the last pass itself).
+                target = F.cosine_similarity(state.detach().float(), final, dim=-1).clamp(0, 1)
+                losses.append(token_mean(F.binary_cross_entropy(score.float(), target, reduction="none")))
+            verifier_loss = torch.stack(losses).mean()
+            self.aux_losses["verifier_loss"] = verifier_loss.detach()
+            self.aux_losses["verifier_score"] = torch.stack([s.detach().float().mean() for s in verifier_scores]).mean()
+            total = total + config.verifier_loss_coef * verifier_loss
+        if len(pass_states) > 1:
+            gaps = [
+                token_mean(1 - F.cosine_similarity(a.float(), b.float(), dim=-1))
+                for a, b in zip(pass_states[:-1], pass_states[1:])
+            ]
+            consistency_loss = torch.stack(gaps).mean()
+            self.aux_losses["consistency_loss"] = consistency_loss.detach()
+            total = total + config.consistency_loss_coef * consistency_loss
+        if self.training:
+            z_losses = [m.last_z_loss for m in self.modules() if isinstance(m, ApexTopKRouter) and m.last_z_loss is not None]
+            if z_losses:
+                self.aux_losses["router_z_loss"] = torch.stack(z_losses).mean()
+            hidden_states = attach_aux_loss(hidden_states, total)
+        return hidden_states
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multi-token prediction (DeepSeek-V3) and the causal-LM head
+
+
+class ApexMultiTokenPredictor(nn.Module):
+    """One MTP depth: combines the previous depth's state at position i with the embedding of token i + depth, runs
+    one decoder layer, and predicts token i + depth + 1 through the shared LM head."""
+
+    def __init__(self, config: ApexConfig):
+        super().__init__()
+        self.hidden_norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.embedding_norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.layer = ApexDecoderLayer(config, config.num_physical_layers - 1)
+        self.final_norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, next_token_embeds, attention_mask, position_embeddings):
+        hidden_states = self.input_proj(
+            torch.cat((self.hidden_norm(hidden_states), self.embedding_norm(next_token_embeds)), dim=-1)
+        )
+        hidden_states = self.layer(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings)
+        return hidden_states
+
+
+class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
+
+    def __init__(self, config: ApexConfig):
+        super().__init__(config)
+        self.model = ApexModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.num_mtp_layers > 0:
+            self.mtp = nn.ModuleList([ApexMultiTokenPredictor(config) for _ in range(config.num_mtp_layers)])
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_refinement_steps: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ApexCausalLMOutputWithPast:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs: ApexModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            num_refinement_steps=num_refinement_steps,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            # The load-balancing loss is over this call's tokens; a cached generation step's mask covers the past too.
+            balance_mask = attention_mask
+            if not isinstance(balance_mask, torch.Tensor) or balance_mask.shape[-1] != hidden_states.shape[1]:
+                balance_mask = None
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, balance_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        mtp_loss = None
+        if loss is not None and hasattr(self, "mtp") and input_ids is not None:
+            mtp_loss = self._multi_token_prediction_loss(
+                hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs
+            )
+            self.model.aux_losses["mtp_loss"] = mtp_loss.detach()
+            loss = loss + self.config.mtp_loss_coef * mtp_loss
+
+        return ApexCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            verifier_scores=outputs.verifier_scores,
+            memory_states=outputs.memory_states,
+            mtp_loss=mtp_loss,
+        )
+
+    def _multi_token_prediction_loss(self, hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs):
+        """Depth d predicts token i + d + 1 from position i, on the positions where that token exists."""
+        seq_len = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+        embeds = self.model.embed_tokens(input_ids)
+        losses = []
+        for depth, predictor in enumerate(self.mtp, start=1):
+            length = seq_len - depth
+            if length < 2:
+                break
+            positions = position_ids[:, :length]
+            sliding = self.config.physical("layer_types")[-1] == "sliding_attention"
+            mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
+            mask = mask_function(
+                config=self.config,
+                inputs_embeds=hidden_states[:, :length],
+                attention_mask=attention_mask[:, :length] if isinstance(attention_mask, torch.Tensor) else None,
+                past_key_values=None,
+                position_ids=positions,
+            )
+            hidden_states = predictor(
+                hidden_states[:, :length],
+                embeds[:, depth:],
+                mask,
+                self.model.rotary_emb(hidden_states, positions),
+            )
+            targets = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
+            logits = self.lm_head(predictor.final_norm(hidden_states))
+            losses.append(
+                self.loss_function(
+                    logits, None, self.vocab_size, shift_labels=targets, num_items_in_batch=kwargs.get("num_items_in_batch")
+                )
+            )
+        return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())
+
+
+__all__ = ["ApexPreTrainedModel", "ApexModel", "ApexForCausalLM"]
