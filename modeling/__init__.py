@@ -1,0 +1,1 @@
+"""Apex model (configuration + modeling), installed as ``apex_hf.modeling``."""
