@@ -1,0 +1,100 @@
+"""`apex-hf` command line: `info` (sizes of a preset or a saved config), `presets`, and `demo` (src/apex_hf/demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _human(value: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {suffix}{unit}".rstrip()
+    return f"{value:.0f} {unit}".rstrip()
+
+
+def _load_config(name_or_path: str):
+    from .presets import PRESETS, get_preset
+
+    if name_or_path in PRESETS:
+        return get_preset(name_or_path)
+    if os.path.isdir(name_or_path) or name_or_path.endswith(".json"):
+        from .modeling.configuration_apex import ApexConfig
+
+        return ApexConfig.from_pretrained(name_or_path)
+    return get_preset(name_or_path)  # raises, listing the known presets
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .counting import count
+    from .presets import TRAINING_SEQ_LEN
+
+    config = _load_config(args.model)
+    seq_len = args.seq_len or TRAINING_SEQ_LEN.get(args.model) or min(config.max_position_embeddings, 4096)
+    result = count(config, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
+    dtype = f"{args.dtype_bytes}-byte values"
+    rows = [
+        ("total params", result.total),
+        ("active params / token", result.active),
+        ("non-embedding active / token", result.non_embedding_active),
+        (f"KV cache / token, all layers full ({dtype})", result.kv_cache_bytes_per_token),
+        (f"KV cache at seq len {seq_len} (sliding capped)", result.kv_cache_bytes_at_seq_len),
+        (f"train FLOPs / token at seq len {seq_len}", result.train_flops_per_token),
+    ]
+    shape = (
+        f"{args.model}: {config.attention_type}, hidden {config.hidden_size}, layers {config.num_prelude_layers}"
+        f" + {config.num_core_layers} x K={config.num_refinement_steps} + {config.num_coda_layers}, "
+        + (f"{config.num_experts} experts top-{config.num_experts_per_tok}" if config.num_experts else "dense")
+        + f", memory {config.memory_injection}"
+    )
+    print(shape)
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        unit = "B" if label.startswith("KV") else "FLOP" if "FLOPs" in label else ""
+        print(f"  {label:<{width}}  {value:>22,}  ({_human(value, unit)})")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .presets import PRESETS, TRAINING_SEQ_LEN
+
+    for name in PRESETS:
+        print(f"{name:<14} seq {TRAINING_SEQ_LEN.get(name, '-')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="apex-hf", description="Apex (MoE + iterative refinement) tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="parameters, KV cache and FLOPs of a preset or a saved config")
+    info.add_argument("model", help="a preset name (see `apex-hf presets`) or a folder / config.json")
+    info.add_argument("--seq-len", type=int, default=None, help="default: the preset's training length")
+    info.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
+    commands.add_parser("presets", help="list the preset names")
+
+    # ---- demo: owned by src/apex_hf/demo.py, imported only when asked so the rest works without it ----
+    demo = commands.add_parser("demo", help="train and sample a small Apex on CPU")
+    if argv[:1] == ["demo"]:
+        from .demo import add_demo_arguments
+
+        add_demo_arguments(demo)
+    # ---------------------------------------------------------------------------------------------------
+
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        try:
+            return _info(args)
+        except ValueError as error:  # unknown preset or an invalid saved config: a message, not a traceback
+            parser.error(str(error))
+    if args.command == "presets":
+        return _presets(args)
+    from .demo import run_demo
+
+    return run_demo(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
