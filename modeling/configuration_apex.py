@@ -117,6 +117,7 @@ class ApexConfig(PreTrainedConfig):
         "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.self_attn.output_gate.proj": "colwise",
         "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
@@ -251,7 +252,28 @@ class ApexConfig(PreTrainedConfig):
                 for i in range(self.num_physical_layers)
             ]
             self.mlp_layer_types = self.unroll(physical_mlp)
+        self.base_model_tp_plan = self._tp_plan_for_this_config()
         super().__post_init__(**kwargs)
+
+    def _tp_plan_for_this_config(self) -> dict[str, str]:
+        """The class-level plan minus the entries for modules this configuration does not build. MLA attention stays
+        replicated, as in transformers' DeepSeek-V3: its heads come out of `q_b_proj` / `kv_b_proj`, so a rowwise
+        `o_proj` alone would be fed unsharded input. Set per instance; `to_dict` never writes it to config.json."""
+        unused = set()
+        if self.attention_type == "mla":
+            unused |= {"q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj", "output_gate.proj"}
+        if not self.qk_norm:
+            unused |= {"q_norm", "k_norm"}
+        if self.attention_output_gate == "none":
+            unused |= {"output_gate.proj"}
+        unused = {f"layers.*.self_attn.{name}" for name in unused}
+        if "dense" not in self.mlp_layer_types:
+            unused |= {f"layers.*.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")}
+        if "sparse" not in self.mlp_layer_types:
+            unused |= {f"layers.*.mlp.experts{name}" for name in ("", ".gate_up_proj", ".down_proj")}
+        if "sparse" not in self.mlp_layer_types or self.num_shared_experts == 0:
+            unused |= {f"layers.*.mlp.shared_experts.{name}" for name in ("gate_proj", "up_proj", "down_proj")}
+        return {key: value for key, value in type(self).base_model_tp_plan.items() if key not in unused}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Unrolled <-> physical layer indices

@@ -184,14 +184,14 @@ class ApexAttentionOutputGate(nn.Module):
 
     def __init__(self, config: ApexConfig, num_heads: int, head_dim: int):
         super().__init__()
-        self.num_heads = num_heads
-        gate_size = num_heads if config.attention_output_gate == "headwise" else num_heads * head_dim
+        self.headwise = config.attention_output_gate == "headwise"
+        gate_size = num_heads if self.headwise else num_heads * head_dim
         self.proj = nn.Linear(config.hidden_size, gate_size, bias=config.attention_bias)
 
     def forward(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.proj(hidden_states))
-        if gate.shape[-1] == self.num_heads:
-            gate = gate.repeat_interleave(attn_output.shape[-1] // self.num_heads, dim=-1)
+        if self.headwise:  # sizes from the tensors: under tensor parallelism `proj` and the heads are sharded alike
+            gate = gate.repeat_interleave(attn_output.shape[-1] // gate.shape[-1], dim=-1)
         return attn_output * gate
 
 
@@ -647,7 +647,7 @@ class ApexPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "router_logits": OutputRecorder(ApexTopKRouter, index=0),
         "hidden_states": ApexDecoderLayer,
-        "attentions": OutputRecorder(nn.Module, index=1, class_name="self_attn"),
+        "attentions": [OutputRecorder(ApexAttention, index=1), OutputRecorder(ApexMLAttention, index=1)],
     }
 
     @torch.no_grad()
