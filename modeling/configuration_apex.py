@@ -91,9 +91,9 @@ class ApexConfig(PreTrainedConfig):
             through a learned per-channel gate) or `"cross_attention"` (each token attends over its *own* memory
             history M_1..M_k, which is causal by construction and needs no cache).
         refinement_dim: width of the proposal / review / refinement projections.
-        verifier_loss_coef: weight of the verifier loss. The verifier predicts, per token and pass, how close this
-            pass's final-normed state already is to the last pass's (cosine similarity, a convergence / halting
-            target that needs no labels), so generation can skip passes where it is confident.
+        verifier_loss_coef: weight of the verifier loss. The verifier predicts, per token and pass, whether this
+            pass's logit-lens prediction (final norm + LM head) already equals the model's final prediction: a
+            halting target that needs no labels, so generation can skip passes where it is confident.
         consistency_loss_coef: weight of `1 - cos(h_k, h_{k+1})` between consecutive passes (pushes the loop towards
             a fixed point, which makes early exit safe).
         Auxiliary losses (verifier, consistency, router z-loss) are attached to the activations with an identity

@@ -557,7 +557,7 @@ class ApexRefinement(nn.Module):
     """What runs between two passes of the shared core, per token (so it cannot leak future positions).
 
     After pass k the normed state x_k is projected into a proposal P_k, a review C_k and a refinement R_k. The
-    verifier reads R_k and outputs s_k in [0, 1], its estimate of how converged the token already is. The spiral
+    verifier reads R_k and outputs s_k in [0, 1], its estimate that this pass already predicts the final next token. The spiral
     memory M_k is a gated update of M_{k-1} towards `tanh(W [P_k, C_k, R_k, embed(s_k), anchor])`, where the anchor is
     the prelude output (the invariant the loop must not drift from). M_k is injected into the next pass and the coda:
     `gated_add` adds it through a per-channel gate; `cross_attention` lets the token attend over its own history
@@ -817,34 +817,38 @@ class ApexModel(ApexPreTrainedModel):
         if self.config.router_bias_update_rate <= 0:
             return
         for module in self.modules():
-            if isinstance(module, ApexTopKRouter) and module.expert_load.sum() > 0:
-                module.update_bias_from_load()
+            if isinstance(module, ApexTopKRouter):
+                module.update_bias_from_load()  # zero load since the last update moves nothing: sign(0) = 0
 
     def _attach_refinement_losses(self, hidden_states, pass_states, verifier_scores, attention_mask):
-        """Verifier and consistency losses, attached to the final hidden state so that they train under any loss
-        computed from it (see `AuxLossAutoScaler`). Their detached values go to `self.aux_losses`."""
+        """In training, the verifier and consistency losses are attached to the final hidden state so that they train
+        under any loss computed from it (see `AuxLossAutoScaler`). Detached values go to `self.aux_losses`."""
         config = self.config
-        self.aux_losses = {}
+        self.aux_losses = {f"verifier_score_pass{k + 1}": s.detach().float().mean() for k, s in enumerate(verifier_scores)}
+        if not self.training:
+            return hidden_states
         token_weights = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            token_weights = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)
+            token_weights = attention_mask[:, -hidden_states.shape[1] :].to(torch.float32)
 
         def token_mean(values: torch.Tensor) -> torch.Tensor:
             if token_weights is None:
                 return values.mean()
             return (values * token_weights).sum() / token_weights.sum().clamp(min=1)
 
-        total = hidden_states.new_zeros(())
+        total = hidden_states.new_zeros((), dtype=torch.float32)
         if verifier_scores:
-            final = pass_states[-1].detach().float()
-            losses = []
-            for state, score in zip(pass_states, verifier_scores):
-                # Target: how close this pass already is to the last one (1 for the last pass itself).
-                target = F.cosine_similarity(state.detach().float(), final, dim=-1).clamp(0, 1)
-                losses.append(token_mean(F.binary_cross_entropy(score.float(), target, reduction="none")))
-            verifier_loss = torch.stack(losses).mean()
+            targets = self._final_prediction_agreement(pass_states, hidden_states)
+            verifier_loss = torch.stack(
+                [
+                    token_mean(F.binary_cross_entropy(score.float(), target, reduction="none"))
+                    for score, target in zip(verifier_scores, targets)
+                ]
+            ).mean()
             self.aux_losses["verifier_loss"] = verifier_loss.detach()
-            self.aux_losses["verifier_score"] = torch.stack([s.detach().float().mean() for s in verifier_scores]).mean()
+            self.aux_losses["verifier_accuracy"] = torch.stack(
+                [token_mean(((score.detach() > 0.5).float() == target).float()) for score, target in zip(verifier_scores, targets)]
+            ).mean()
             total = total + config.verifier_loss_coef * verifier_loss
         if len(pass_states) > 1:
             gaps = [
@@ -854,12 +858,33 @@ class ApexModel(ApexPreTrainedModel):
             consistency_loss = torch.stack(gaps).mean()
             self.aux_losses["consistency_loss"] = consistency_loss.detach()
             total = total + config.consistency_loss_coef * consistency_loss
-        if self.training:
-            z_losses = [m.last_z_loss for m in self.modules() if isinstance(m, ApexTopKRouter) and m.last_z_loss is not None]
-            if z_losses:
-                self.aux_losses["router_z_loss"] = torch.stack(z_losses).mean()
-            hidden_states = attach_aux_loss(hidden_states, total)
-        return hidden_states
+        z_losses = [m.last_z_loss for m in self.modules() if isinstance(m, ApexTopKRouter) and m.last_z_loss is not None]
+        if z_losses:
+            self.aux_losses["router_z_loss"] = torch.stack(z_losses).mean()
+        return attach_aux_loss(hidden_states, total)
+
+    def use_output_head(self, head: nn.Module) -> None:
+        """Tell the backbone which LM head the verifier's targets are read through. Kept in a list so the head stays
+        the causal-LM's child (one copy in the state dict); a bare `ApexModel` reads through the input embeddings."""
+        self._output_head = [head]
+
+    @torch.no_grad()
+    def _final_prediction_agreement(self, pass_states, final_hidden, chunk_size: int = 1024) -> list[torch.Tensor]:
+        """Verifier targets, no labels needed: 1 where the pass's logit-lens prediction (final norm + LM head on the
+        pass's state) already equals the model's final prediction, i.e. where stopping after that pass would not
+        change the next token (a halting target in the spirit of PonderNet). Chunked, so no logits are kept."""
+        head = self._output_head[0] if getattr(self, "_output_head", None) else None
+
+        def predict(hidden: torch.Tensor) -> torch.Tensor:
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            chunks = [
+                (head(chunk) if head is not None else F.linear(chunk, self.embed_tokens.weight)).argmax(-1)
+                for chunk in flat.split(chunk_size)
+            ]
+            return torch.cat(chunks).view(hidden.shape[:-1])
+
+        final = predict(final_hidden)
+        return [(predict(self.norm(state)) == final).float() for state in pass_states]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -897,9 +922,14 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         self.model = ApexModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model.use_output_head(self.lm_head)
         if config.num_mtp_layers > 0:
             self.mtp = nn.ModuleList([ApexMultiTokenPredictor(config) for _ in range(config.num_mtp_layers)])
         self.post_init()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+        self.model.use_output_head(new_embeddings)
 
     @can_return_tuple
     def forward(
