@@ -16,9 +16,9 @@ GPU_SIZES = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=6
 MLA_GPU_SIZES = dict(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
 
 
-def build(variant, dtype=torch.float32, attn="eager", experts="eager", decisive_routing=False):
+def build(variant, dtype=torch.float32, attn="eager", experts="eager", decisive_routing=False, **overrides):
     torch.manual_seed(0)
-    config = tiny_config(variant, **GPU_SIZES, **(MLA_GPU_SIZES if variant == "mla" else {}))
+    config = tiny_config(variant, **GPU_SIZES, **(MLA_GPU_SIZES if variant == "mla" else {}), **overrides)
     config._attn_implementation, config._experts_implementation = attn, experts
     model = ApexForCausalLM(config)
     if decisive_routing:
@@ -59,12 +59,15 @@ def test_attention_backends_match_eager(variant, attn):
     assert (reference - fast)[mask.bool()].abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_bf16_is_close_to_fp32(variant):
+# The MLA variant routes with sigmoid scores, which saturate into exact ties once the router is sharp, so any top-k
+# choice there is rounding luck in either precision; its bf16 numerics are checked with dense layers instead.
+@pytest.mark.parametrize("variant,overrides", [("gqa", {}), ("mla", {"num_experts": 0})])
+def test_bf16_is_close_to_fp32(variant, overrides):
     tokens = ids()
     with torch.no_grad():
-        fp32 = build(variant, experts="grouped_mm", attn="sdpa", decisive_routing=True)(tokens).logits
-        bf16 = build(variant, torch.bfloat16, experts="grouped_mm", attn="sdpa", decisive_routing=True)(tokens).logits
+        fp32 = build(variant, experts="grouped_mm", attn="sdpa", decisive_routing=True, **overrides)(tokens).logits
+        bf16 = build(variant, torch.bfloat16, experts="grouped_mm", attn="sdpa", decisive_routing=True, **overrides)
+        bf16 = bf16(tokens).logits
     assert (fp32 - bf16.float()).abs().max() / fp32.abs().max() < 0.05
 
 
