@@ -311,15 +311,19 @@ class ApexConfig(PreTrainedConfig):
     # Validation: `@strict` runs every `validate_*` method at init and in `save_pretrained`.
 
     def validate_apex_trunk(self):
-        for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                      "max_position_embeddings"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             _require(getattr(self, field) >= 1, field, getattr(self, field), ">= 1")
         _require(self.intermediate_size >= 1, "intermediate_size", self.intermediate_size, ">= 1")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
         _require(self.initializer_range >= 0, "initializer_range", self.initializer_range, ">= 0")
         _require(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "in [0, 1)")
-        _require(0 < self.partial_rotary_factor <= 1, "partial_rotary_factor", self.partial_rotary_factor,
-                 "in (0, 1]")
+        _require(0 < self.partial_rotary_factor <= 1, "partial_rotary_factor", self.partial_rotary_factor, "in (0, 1]")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
@@ -336,8 +340,12 @@ class ApexConfig(PreTrainedConfig):
 
     def validate_apex_attention(self):
         _require(self.attention_type in ATTENTION_TYPES, "attention_type", self.attention_type, ATTENTION_TYPES)
-        _require(self.attention_output_gate in ATTENTION_OUTPUT_GATES, "attention_output_gate",
-                 self.attention_output_gate, ATTENTION_OUTPUT_GATES)
+        _require(
+            self.attention_output_gate in ATTENTION_OUTPUT_GATES,
+            "attention_output_gate",
+            self.attention_output_gate,
+            ATTENTION_OUTPUT_GATES,
+        )
         if self.attention_type == "gqa":
             _require(self.head_dim is not None and self.head_dim >= 1, "head_dim", self.head_dim, ">= 1")
             rotary = int(self.head_dim * self.partial_rotary_factor)
@@ -358,7 +366,9 @@ class ApexConfig(PreTrainedConfig):
             if self.qk_norm:
                 raise ValueError("qk_norm is only defined for attention_type='gqa' (MLA normalises its latents)")
             if self.partial_rotary_factor != 1.0:
-                raise ValueError("partial_rotary_factor does not apply to MLA; size the rope part with qk_rope_head_dim")
+                raise ValueError(
+                    "partial_rotary_factor does not apply to MLA; size the rope part with qk_rope_head_dim"
+                )
         if self.sliding_window is not None:
             _require(self.sliding_window >= 1, "sliding_window", self.sliding_window, ">= 1 or None")
         bad = [t for t in self.layer_types if t not in ATTENTION_LAYER_TYPES]
@@ -376,21 +386,37 @@ class ApexConfig(PreTrainedConfig):
         _require(self.num_experts >= 0, "num_experts", self.num_experts, ">= 0")
         _require(self.first_k_dense_replace >= 0, "first_k_dense_replace", self.first_k_dense_replace, ">= 0")
         _require(self.moe_layer_freq >= 1, "moe_layer_freq", self.moe_layer_freq, ">= 1")
-        for field in ("router_aux_loss_coef", "router_bias_update_rate", "router_z_loss_coef",
-                      "verifier_loss_coef", "consistency_loss_coef", "mtp_loss_coef"):
+        for field in (
+            "router_aux_loss_coef",
+            "router_bias_update_rate",
+            "router_z_loss_coef",
+            "verifier_loss_coef",
+            "consistency_loss_coef",
+            "mtp_loss_coef",
+        ):
             _require(getattr(self, field) >= 0, field, getattr(self, field), ">= 0 (a loss coefficient)")
         if self.num_experts == 0 and "sparse" not in self.mlp_layer_types:
             return
         _require(self.num_experts >= 1, "num_experts", self.num_experts, ">= 1 when any mlp_layer_types is 'sparse'")
-        _require(1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok", self.num_experts_per_tok,
-                 f"in [1, num_experts={self.num_experts}]")
+        _require(
+            1 <= self.num_experts_per_tok <= self.num_experts,
+            "num_experts_per_tok",
+            self.num_experts_per_tok,
+            f"in [1, num_experts={self.num_experts}]",
+        )
         _require(self.moe_intermediate_size >= 1, "moe_intermediate_size", self.moe_intermediate_size, ">= 1")
         _require(self.num_shared_experts >= 0, "num_shared_experts", self.num_shared_experts, ">= 0")
         _require(self.router_scoring in ROUTER_SCORING, "router_scoring", self.router_scoring, ROUTER_SCORING)
         _require(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "> 0")
-        _require(self.n_group >= 1 and self.num_experts % self.n_group == 0, "n_group", self.n_group,
-                 f"a divisor of num_experts={self.num_experts}")
-        _require(1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group, f"in [1, n_group={self.n_group}]")
+        _require(
+            self.n_group >= 1 and self.num_experts % self.n_group == 0,
+            "n_group",
+            self.n_group,
+            f"a divisor of num_experts={self.num_experts}",
+        )
+        _require(
+            1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group, f"in [1, n_group={self.n_group}]"
+        )
         eligible = self.topk_group * self.num_experts // self.n_group
         if self.num_experts_per_tok > eligible:
             raise ValueError(
@@ -398,18 +424,24 @@ class ApexConfig(PreTrainedConfig):
                 f"routing leaves eligible (topk_group={self.topk_group} of n_group={self.n_group} groups)"
             )
         if self.expert_capacity_factor is not None:
-            _require(self.expert_capacity_factor > 0, "expert_capacity_factor", self.expert_capacity_factor,
-                     "> 0 or None")
+            _require(
+                self.expert_capacity_factor > 0, "expert_capacity_factor", self.expert_capacity_factor, "> 0 or None"
+            )
 
     def validate_apex_refinement(self):
         _require(self.num_prelude_layers >= 0, "num_prelude_layers", self.num_prelude_layers, ">= 0")
         _require(self.num_core_layers >= 1, "num_core_layers", self.num_core_layers, ">= 1")
         _require(self.num_coda_layers >= 0, "num_coda_layers", self.num_coda_layers, ">= 0")
         _require(self.num_refinement_steps >= 1, "num_refinement_steps", self.num_refinement_steps, ">= 1")
-        _require(self.max_refinement_steps >= self.num_refinement_steps, "max_refinement_steps",
-                 self.max_refinement_steps, f">= num_refinement_steps={self.num_refinement_steps}")
-        _require(self.memory_injection in MEMORY_INJECTIONS, "memory_injection", self.memory_injection,
-                 MEMORY_INJECTIONS)
+        _require(
+            self.max_refinement_steps >= self.num_refinement_steps,
+            "max_refinement_steps",
+            self.max_refinement_steps,
+            f">= num_refinement_steps={self.num_refinement_steps}",
+        )
+        _require(
+            self.memory_injection in MEMORY_INJECTIONS, "memory_injection", self.memory_injection, MEMORY_INJECTIONS
+        )
         _require(self.refinement_dim >= 1, "refinement_dim", self.refinement_dim, ">= 1")
         _require(self.num_mtp_layers >= 0, "num_mtp_layers", self.num_mtp_layers, ">= 0")
 

@@ -207,12 +207,22 @@ class ApexAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.sliding_window = config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
+        self.sliding_window = (
+            config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
+        )
 
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.q_proj = nn.Linear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.k_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.v_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+        )
         if config.qk_norm:
             self.q_norm = ApexRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = ApexRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -289,7 +299,9 @@ class ApexMLAttention(nn.Module):
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        self.sliding_window = config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
+        self.sliding_window = (
+            config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
+        )
 
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
@@ -301,7 +313,9 @@ class ApexMLAttention(nn.Module):
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
         )
         self.kv_a_layernorm = ApexRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
         if config.attention_output_gate != "none":
             self.output_gate = ApexAttentionOutputGate(config, self.num_heads, self.v_head_dim)
@@ -340,7 +354,9 @@ class ApexMLAttention(nn.Module):
         if past_key_values is not None:
             kv_latent, k_rot = past_key_values.update(kv_latent, k_rot, cache_index)
 
-        key_value = self.kv_b_proj(kv_latent).view(batch_size, kv_latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim)
+        key_value = self.kv_b_proj(kv_latent).view(
+            batch_size, kv_latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim
+        )
         k_pass, value_states = torch.split(key_value.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key_states = torch.cat((k_pass, k_rot.expand(-1, self.num_heads, -1, -1)), dim=-1)
         query_states = torch.cat((q_pass, q_rot), dim=-1)
@@ -396,7 +412,9 @@ class ApexExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
@@ -557,11 +575,11 @@ class ApexRefinement(nn.Module):
     """What runs between two passes of the shared core, per token (so it cannot leak future positions).
 
     After pass k the normed state x_k is projected into a proposal P_k, a review C_k and a refinement R_k. The
-    verifier reads R_k and outputs s_k in [0, 1], its estimate that this pass already predicts the final next token. The spiral
-    memory M_k is a gated update of M_{k-1} towards `tanh(W [P_k, C_k, R_k, embed(s_k), anchor])`, where the anchor is
-    the prelude output (the invariant the loop must not drift from). M_k is injected into the next pass and the coda:
-    `gated_add` adds it through a per-channel gate; `cross_attention` lets the token attend over its own history
-    M_1..M_k (same position, earlier passes only: causal, and nothing to cache across positions).
+    verifier reads R_k and outputs s_k in [0, 1], its estimate that this pass already predicts the final next token.
+    The spiral memory M_k is a gated update of M_{k-1} towards `tanh(W [P_k, C_k, R_k, embed(s_k), anchor])`, where
+    the anchor is the prelude output (the invariant the loop must not drift from). M_k is injected into the next pass
+    and the coda: `gated_add` adds it through a per-channel gate; `cross_attention` lets the token attend over its own
+    history M_1..M_k (same position, earlier passes only: causal, and nothing to cache across positions).
     """
 
     def __init__(self, config: ApexConfig):
@@ -589,7 +607,7 @@ class ApexRefinement(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, anchor_features: torch.Tensor, memory: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One refinement step: returns the verifier score `[batch, seq]` and the updated memory `[batch, seq, hidden]`."""
+        """One refinement step: the verifier score `[batch, seq]` and the updated memory `[batch, seq, hidden]`."""
         x = self.input_norm(hidden_states)
         refinement = self.refinement_proj(x)
         score = torch.sigmoid(self.verifier(F.silu(refinement)))
@@ -824,7 +842,9 @@ class ApexModel(ApexPreTrainedModel):
         """In training, the verifier and consistency losses are attached to the final hidden state so that they train
         under any loss computed from it (see `AuxLossAutoScaler`). Detached values go to `self.aux_losses`."""
         config = self.config
-        self.aux_losses = {f"verifier_score_pass{k + 1}": s.detach().float().mean() for k, s in enumerate(verifier_scores)}
+        self.aux_losses = {
+            f"verifier_score_pass{k + 1}": s.detach().float().mean() for k, s in enumerate(verifier_scores)
+        }
         if not self.training:
             return hidden_states
         token_weights = None
@@ -847,7 +867,10 @@ class ApexModel(ApexPreTrainedModel):
             ).mean()
             self.aux_losses["verifier_loss"] = verifier_loss.detach()
             self.aux_losses["verifier_accuracy"] = torch.stack(
-                [token_mean(((score.detach() > 0.5).float() == target).float()) for score, target in zip(verifier_scores, targets)]
+                [
+                    token_mean(((score.detach() > 0.5).float() == target).float())
+                    for score, target in zip(verifier_scores, targets)
+                ]
             ).mean()
             total = total + config.verifier_loss_coef * verifier_loss
         if len(pass_states) > 1:
@@ -858,7 +881,9 @@ class ApexModel(ApexPreTrainedModel):
             consistency_loss = torch.stack(gaps).mean()
             self.aux_losses["consistency_loss"] = consistency_loss.detach()
             total = total + config.consistency_loss_coef * consistency_loss
-        z_losses = [m.last_z_loss for m in self.modules() if isinstance(m, ApexTopKRouter) and m.last_z_loss is not None]
+        z_losses = [
+            m.last_z_loss for m in self.modules() if isinstance(m, ApexTopKRouter) and m.last_z_loss is not None
+        ]
         if z_losses:
             self.aux_losses["router_z_loss"] = torch.stack(z_losses).mean()
         return attach_aux_loss(hidden_states, total)
@@ -907,7 +932,9 @@ class ApexMultiTokenPredictor(nn.Module):
         hidden_states = self.input_proj(
             torch.cat((self.hidden_norm(hidden_states), self.embedding_norm(next_token_embeds)), dim=-1)
         )
-        hidden_states = self.layer(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings)
+        hidden_states = self.layer(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings
+        )
         return hidden_states
 
 
@@ -1031,7 +1058,11 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             logits = self.lm_head(predictor.final_norm(hidden_states))
             losses.append(
                 self.loss_function(
-                    logits, None, self.vocab_size, shift_labels=targets, num_items_in_batch=kwargs.get("num_items_in_batch")
+                    logits,
+                    None,
+                    self.vocab_size,
+                    shift_labels=targets,
+                    num_items_in_batch=kwargs.get("num_items_in_batch"),
                 )
             )
         return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())

@@ -22,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+
 UNDERLINE = re.compile(r"^\s*([*=\-~^+#])\1{2,}\s*$")
 
 
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="ascii", newline="\n")
-    print(f"wrote {out} ({len(text.encode())} bytes, {len(text.split())} words, "
-          f"Python {sys.version.split()[0]})")
+    print(f"wrote {out} ({len(text.encode())} bytes, {len(text.split())} words, Python {sys.version.split()[0]})")
     return 0
 
 

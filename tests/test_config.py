@@ -2,9 +2,9 @@
 
 import pytest
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from tiny_configs import tiny_config
 
 from apex_hf import ApexConfig, sliding_full_pattern
-from tiny_configs import tiny_config
 
 
 CONFIG_ERRORS = [
@@ -16,8 +16,10 @@ CONFIG_ERRORS = [
     (dict(num_refinement_steps=3, max_refinement_steps=2), "max_refinement_steps=2"),
     (dict(sliding_window=0), "sliding_window=0"),
     (dict(attention_type="mla"), "attention_type='mla' needs kv_lora_rank"),
-    (dict(attention_type="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=3, v_head_dim=8),
-     "qk_rope_head_dim=3 must be even"),
+    (
+        dict(attention_type="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=3, v_head_dim=8),
+        "qk_rope_head_dim=3 must be even",
+    ),
     (dict(attention_type="sparse"), "attention_type='sparse'"),
     (dict(num_hidden_layers=5), "num_hidden_layers=5 contradicts the refinement loop"),
     (dict(rope_parameters={"rope_type": "spiral", "rope_theta": 1e4}), "rope_type='spiral' is unknown"),
@@ -32,13 +34,20 @@ CONFIG_ERRORS = [
     (dict(partial_rotary_factor=0.1), "rotary size of 0"),
     (dict(layer_types=["full_attention", "sliding_attention", "full_attention"]), "sliding_window is None"),
     (dict(layer_types=["full_attention"] * 2), "layer_types has 2 entries"),
-    (dict(num_refinement_steps=2, sliding_window=4,
-          layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"]),
-     r"layer_types\[2\]='sliding_attention' differs from the same core layer's first pass"),
+    (
+        dict(
+            num_refinement_steps=2,
+            sliding_window=4,
+            layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"],
+        ),
+        r"layer_types\[2\]='sliding_attention' differs from the same core layer's first pass",
+    ),
     (dict(mlp_layer_types=["dense", "moe", "dense"]), "mlp_layer_types entries must be in"),
     (dict(num_experts=4, expert_capacity_factor=0.0), "expert_capacity_factor=0.0"),
-    (dict(qk_norm=True, attention_type="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
-     "qk_norm is only defined"),
+    (
+        dict(qk_norm=True, attention_type="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+        "qk_norm is only defined",
+    ),
 ]
 
 
@@ -56,9 +65,17 @@ def test_mutation_is_validated_again_on_save(tmp_path):
 
 
 def test_unrolled_depth_and_layer_types():
-    config = tiny_config(num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, num_refinement_steps=2,
-                         max_refinement_steps=3, sliding_window=8, full_attention_interval=2,
-                         num_experts=4, first_k_dense_replace=1)
+    config = tiny_config(
+        num_prelude_layers=1,
+        num_core_layers=2,
+        num_coda_layers=1,
+        num_refinement_steps=2,
+        max_refinement_steps=3,
+        sliding_window=8,
+        full_attention_interval=2,
+        num_experts=4,
+        first_k_dense_replace=1,
+    )
     assert config.num_hidden_layers == 1 + 3 * 2 + 1
     physical = sliding_full_pattern(4, 2)
     assert physical == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]

@@ -17,16 +17,26 @@ def demo_result(tmp_path_factory):
     parser = add_demo_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         [
-            "--preset", "apex-tiny",
-            "--max-chars", "40000",
-            "--vocab-size", "320",
-            "--steps", "40",
-            "--batch-size", "8",
-            "--seq-len", "32",
-            "--lr", "5e-3",
-            "--log-every", "20",
-            "--max-new-tokens", "8",
-            "--output-dir", str(output_dir),
+            "--preset",
+            "apex-tiny",
+            "--max-chars",
+            "40000",
+            "--vocab-size",
+            "320",
+            "--steps",
+            "40",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "32",
+            "--lr",
+            "5e-3",
+            "--log-every",
+            "20",
+            "--max-new-tokens",
+            "8",
+            "--output-dir",
+            str(output_dir),
         ]
     )
     return run_demo(args)

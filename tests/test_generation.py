@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
-from tiny_configs import VARIANTS, tiny_config
 
 
 NEW_TOKENS = 8
@@ -21,8 +21,14 @@ def build(variant, attn="sdpa"):
 
 def greedy(model, ids, mask=None, **kwargs):
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-        return_dict_in_generate=True, output_scores=True, **kwargs,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kwargs,
     )
     return out.sequences[:, ids.shape[1] :], torch.stack(out.scores, dim=1)
 

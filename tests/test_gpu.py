@@ -3,9 +3,9 @@ experts, sdpa / flex vs eager attention, static-cache generation, a few bf16 tra
 
 import pytest
 import torch
+from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
-from tiny_configs import VARIANTS, tiny_config
 
 
 pytestmark = pytest.mark.gpu

@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 import torch
+from tiny_configs import tiny_config
 from transformers import AutoModelForCausalLM
 
 from apex_hf import ApexForCausalLM
-from tiny_configs import tiny_config
 
 
 def saved_model(path, variant="gqa", **overrides):
@@ -26,7 +26,10 @@ def saved_model(path, variant="gqa", **overrides):
 def test_round_trip(tmp_path, tied):
     model = saved_model(tmp_path, tie_word_embeddings=tied)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "apex" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_apex.ApexForCausalLM"
+    assert (
+        config["model_type"] == "apex"
+        and config["auto_map"]["AutoModelForCausalLM"] == "modeling_apex.ApexForCausalLM"
+    )
     assert (tmp_path / "modeling_apex.py").is_file() and (tmp_path / "configuration_apex.py").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is ApexForCausalLM
@@ -54,7 +57,8 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     ids = torch.load(ids_file)
-    torch.save({"logits": model(ids).logits.detach(), "generated": model.generate(ids, max_new_tokens=4, do_sample=False)}, out_file)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.save({"logits": model(ids).logits.detach(), "generated": generated}, out_file)
     """
 )
 
@@ -66,7 +70,11 @@ def run_without_apex_hf(tmp_path, source, ids, env_extra=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), **(env_extra or {}))
     result = subprocess.run(
         [sys.executable, str(script), str(source), str(ids_file), str(out_file)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out_file)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
-from tiny_configs import VARIANTS, tiny_config
 
 
 def build(config, attn="eager", experts=None, seed=0):
@@ -120,8 +120,13 @@ def test_sequence_longer_than_supported_is_a_clear_error():
     [
         {"rope_type": "linear", "factor": 2.0},
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 32},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ],
 )
 def test_rope_scaling_types_run(rope_parameters):

@@ -1,4 +1,4 @@
-"""Presets build valid configs; the meta-device counter agrees with real models and with hand formulas; the CLI runs."""
+"""Presets build valid configs; the meta-device counter agrees with real models and hand formulas; the CLI runs."""
 
 import time
 
@@ -13,8 +13,12 @@ from apex_hf.presets import PRESETS, get_preset
 
 def hand_count(config: ApexConfig) -> tuple[int, int]:
     """(total, active) of a GQA config with no gate, QK-norm or MTP, written out layer by layer."""
-    hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
-                                         config.num_key_value_heads, config.head_dim)
+    hidden, heads, kv_heads, head_dim = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
     norms = 2 * hidden
     dense = 3 * hidden * config.intermediate_size

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
-from tiny_configs import VARIANTS, tiny_config
 
 
 def build(variant, **overrides):
@@ -36,7 +36,9 @@ def test_a_few_steps_on_a_repeated_batch_lower_the_loss(variant):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
-    assert {"verifier_loss", "verifier_accuracy", "verifier_score_pass1", "consistency_loss"} <= set(model.model.aux_losses)
+    assert {"verifier_loss", "verifier_accuracy", "verifier_score_pass1", "consistency_loss"} <= set(
+        model.model.aux_losses
+    )
 
 
 def test_auxiliary_losses_reach_the_backbone_without_the_head():
@@ -80,23 +82,40 @@ def test_sft_trainer_step_trains_router_memory_and_verifier(tmp_path, tiny_token
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     tokenizer = tiny_tokenizer
-    config = tiny_config("gqa", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         output_router_logits=True)
+    config = tiny_config(
+        "gqa",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        output_router_logits=True,
+    )
     torch.manual_seed(0)
     model = ApexForCausalLM(config)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     texts = [f"The number {i} is followed by {i + 1}." for i in range(32)]
     args = trl.SFTConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], logging_steps=1, save_strategy="no", max_length=32, use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        max_length=32,
+        use_cpu=True,
     )
-    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=datasets.Dataset.from_dict({"text": texts}))
+    trainer = trl.SFTTrainer(
+        model=model, args=args, processing_class=tokenizer, train_dataset=datasets.Dataset.from_dict({"text": texts})
+    )
     trainer.train()
     moved = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
-    for must_train in ("model.refinement.verifier.weight", "model.refinement.memory_update.weight",
-                       "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.gate_up_proj"):
+    for must_train in (
+        "model.refinement.verifier.weight",
+        "model.refinement.memory_update.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.experts.gate_up_proj",
+    ):
         assert must_train in moved, must_train
     assert "verifier_loss" in model.model.aux_losses
     assert any("aux_loss" in entry for entry in trainer.state.log_history)
@@ -108,8 +127,11 @@ def test_verifier_separates_easy_from_hard_tokens_after_training():
     be confident on the easy next tokens and not on the hard ones — already after the first pass."""
     torch.manual_seed(0)
     vocab = 32
-    model = ApexForCausalLM(tiny_config(None, vocab_size=vocab, num_refinement_steps=3, memory_injection="gated_add",
-                                        verifier_loss_coef=1.0)).train()
+    model = ApexForCausalLM(
+        tiny_config(
+            None, vocab_size=vocab, num_refinement_steps=3, memory_injection="gated_add", verifier_loss_coef=1.0
+        )
+    ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     def batch(rows):
@@ -125,5 +147,5 @@ def test_verifier_separates_easy_from_hard_tokens_after_training():
     with torch.no_grad():
         first_pass_score = model(batch(64)).verifier_scores[0]
     next_is_easy, next_is_hard = first_pass_score[:, 0::2].mean(), first_pass_score[:, 1::2].mean()
-    # The hard score stays above zero: on a random next token the first pass still agrees with the final guess by chance.
+    # The hard score stays above zero: on a random next token the first pass agrees with the final guess by chance.
     assert next_is_easy > 0.8 and next_is_easy - next_is_hard > 0.3, (next_is_easy, next_is_hard)

@@ -23,7 +23,6 @@ import pytest
 
 pytest.importorskip("transformers_tests.test_modeling_common")
 
-import torch  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 from transformers_tests.generation.test_utils import GenerationTesterMixin  # noqa: E402
 from transformers_tests.test_configuration_common import ConfigTester  # noqa: E402
@@ -119,7 +118,8 @@ class ApexCommonTestBase(ModelTesterMixin, GenerationTesterMixin):
 
     def setUp(self):
         self.model_tester = ApexModelTester(self, **self.tester_overrides)
-        # hidden_size=64, not transformers' usual 37: ApexConfig rejects a hidden size the default 16 heads do not divide.
+        # hidden_size=64, not transformers' usual 37: ApexConfig rejects a hidden size its 16 default heads don't
+        # divide.
         self.config_tester = ConfigTester(
             self, config_class=ApexConfig, hidden_size=64, common_properties=["hidden_size", "num_attention_heads"]
         )

@@ -1,4 +1,4 @@
-"""`apex-hf` command line: `info` (sizes of a preset or a saved config), `presets`, and `demo` (src/apex_hf/demo.py)."""
+"""`apex-hf` command line: `info` (sizes of a preset or a saved config), `presets`, `demo` (see demo.py)."""
 
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ def kv_cache_bytes(config: ApexConfig, context_len: int, dtype_bytes: int = 2) -
     """KV-cache bytes of one sequence of `context_len` tokens; sliding layers hold at most `sliding_window` tokens."""
     per_layer_token = _kv_values_per_token(config) * dtype_bytes
     return sum(
-        per_layer_token * _tokens_held(config, config.layer_types[u], context_len) for u in _unrolled_layers_run(config)
+        per_layer_token * _tokens_held(config, config.layer_types[u], context_len)
+        for u in _unrolled_layers_run(config)
     )
 
 

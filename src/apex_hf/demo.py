@@ -6,8 +6,8 @@ clipping) -> held-out loss / perplexity before and after, and per number of refi
 -> reload in a fresh Python process in which `apex_hf` cannot be imported (Hub-style remote code) and generate.
 
 Deliberately self-contained and free of trainer frameworks; a later version replaces the training part with the
-SFT -> DPO -> GRPO recipe chain. Entry points: `add_demo_arguments(parser)` + `run_demo(args)` (used by `apex-hf demo`),
-or `python -m apex_hf.demo`.
+SFT -> DPO -> GRPO recipe chain. Entry points: `add_demo_arguments(parser)` + `run_demo(args)` (used by
+`apex-hf demo`), or `python -m apex_hf.demo`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 # The demo never talks to the Hub (set before transformers is imported by anything below).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,19 +36,25 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--preset", default="apex-small", help="model preset (apex_hf.presets), default: apex-small")
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="UTF-8 text, documents separated by blank lines")
     parser.add_argument("--max-chars", type=int, default=None, help="use only the first N characters of the corpus")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (incl. 256 bytes + specials)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=1024, help="BPE vocabulary size (incl. 256 bytes + specials)"
+    )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per packed row")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 10%% of --steps)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="linear warmup steps (default: 10%% of --steps)"
+    )
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
     parser.add_argument("--log-every", type=int, default=25, help="print training stats every N steps")
     parser.add_argument("--output-dir", default="outputs/demo", help="where the model and tokenizer are saved")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: available cores, max 8)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: available cores, max 8)"
+    )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the greedy generation after reload")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--skip-reload", action="store_true", help="skip the fresh-process reload + generation")
@@ -237,7 +244,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    threads = args.threads or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = args.threads or min(
+        8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -326,7 +335,9 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     # 5. held-out loss after training, per number of refinement passes (test-time compute)
     model.eval()
-    val_loss_by_k = {k: _evaluate(model, val_rows, args.batch_size, num_refinement_steps=k) for k in range(1, max_k + 1)}
+    val_loss_by_k = {
+        k: _evaluate(model, val_rows, args.batch_size, num_refinement_steps=k) for k in range(1, max_k + 1)
+    }
     final_val_loss = val_loss_by_k[default_k]
     say(
         f"[demo] held-out loss: {initial_val_loss:.4f} -> {final_val_loss:.4f} "
@@ -350,7 +361,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for k in ks:
             generated = model.generate(
-                **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, num_refinement_steps=k,
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                num_refinement_steps=k,
                 pad_token_id=tokenizer.pad_token_id,
             )
             local_ids[str(k)] = generated[0, inputs["input_ids"].shape[1] :].tolist()
@@ -359,7 +373,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     reload = None
     if not args.skip_reload:
         reload = _reload_in_fresh_process(output_dir, args.prompt, ks, args.max_new_tokens, threads)
-        reload["matches_in_process"] = all(reload["generations"][k]["token_ids"] == ids for k, ids in local_ids.items())
+        reload["matches_in_process"] = all(
+            reload["generations"][k]["token_ids"] == ids for k, ids in local_ids.items()
+        )
         say(f"[reload] fresh `python -I` process, apex_hf blocked, loaded {reload['model_class']} (trust_remote_code)")
         for k in ks:
             gen = reload["generations"][str(k)]
