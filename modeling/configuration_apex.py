@@ -302,6 +302,10 @@ class ApexConfig(PreTrainedConfig):
         """Expand a per-physical-layer list to one entry per unrolled layer."""
         return [per_physical_layer[self.physical_layer_index(u)] for u in range(self.num_hidden_layers)]
 
+    def sliding_window_of(self, physical_index: int) -> int | None:
+        """The attention window of a physical layer: `sliding_window` for sliding layers, `None` for full ones."""
+        return self.sliding_window if self.physical("layer_types")[physical_index] == "sliding_attention" else None
+
     def physical(self, field: str) -> list:
         """A per-unrolled-layer field (`layer_types`, `mlp_layer_types`) as one entry per physical layer."""
         values = getattr(self, field)

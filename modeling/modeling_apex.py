@@ -207,9 +207,7 @@ class ApexAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.sliding_window = (
-            config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
-        )
+        self.sliding_window = config.sliding_window_of(layer_idx)
 
         self.q_proj = nn.Linear(
             config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
@@ -299,9 +297,7 @@ class ApexMLAttention(nn.Module):
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        self.sliding_window = (
-            config.sliding_window if config.physical("layer_types")[layer_idx] == "sliding_attention" else None
-        )
+        self.sliding_window = config.sliding_window_of(layer_idx)
 
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
@@ -702,6 +698,7 @@ class ApexModel(ApexPreTrainedModel):
         self.gradient_checkpointing = False
         # Detached values of the Apex auxiliary losses of the last forward, for logging (trainers never see them).
         self.aux_losses: dict[str, torch.Tensor] = {}
+        self._output_head: list[nn.Module] = []  # see `use_output_head`
         self.post_init()
 
     @merge_with_config_defaults
@@ -811,7 +808,7 @@ class ApexModel(ApexPreTrainedModel):
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
             return
-        low, high = input_ids.min().item(), input_ids.max().item()
+        low, high = torch.stack((input_ids.min(), input_ids.max())).tolist()  # one device sync
         if low < 0 or high >= self.config.vocab_size:
             bad = high if high >= self.config.vocab_size else low
             raise IndexError(
@@ -898,7 +895,7 @@ class ApexModel(ApexPreTrainedModel):
         """Verifier targets, no labels needed: 1 where the pass's logit-lens prediction (final norm + LM head on the
         pass's state) already equals the model's final prediction, i.e. where stopping after that pass would not
         change the next token (a halting target in the spirit of PonderNet). Chunked, so no logits are kept."""
-        head = self._output_head[0] if getattr(self, "_output_head", None) else None
+        head = self._output_head[0] if self._output_head else None
 
         def predict(hidden: torch.Tensor) -> torch.Tensor:
             flat = hidden.reshape(-1, hidden.shape[-1])
@@ -1039,7 +1036,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             if length < 2:
                 break
             positions = position_ids[:, :length]
-            sliding = self.config.physical("layer_types")[-1] == "sliding_attention"
+            sliding = self.config.sliding_window_of(self.config.num_physical_layers - 1) is not None
             mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
             mask = mask_function(
                 config=self.config,
