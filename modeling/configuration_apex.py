@@ -109,7 +109,8 @@ class ApexConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
 
     # The parallel plans follow qwen3_moe / deepseek_v3. Layers are physical layers (`layers.*`); the core is reused
-    # across passes, so a plan shards it once.
+    # across passes, so a TP / EP plan shards it once. The pipeline plan splits `layers` in order, which matches the
+    # forward only for K = 1: with K > 1 the core is re-entered, so a pipeline stage must hold the whole core.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
