@@ -237,10 +237,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def get_preset(name: str, **overrides) -> ApexConfig:
     """`ApexConfig` of preset `name`, with any field replaced by `overrides`."""
     if name not in PRESETS:
@@ -250,4 +246,4 @@ def get_preset(name: str, **overrides) -> ApexConfig:
     return ApexConfig(**kwargs)
 
 
-__all__ = ["PRESETS", "TRAINING_SEQ_LEN", "get_preset", "preset_names"]
+__all__ = ["PRESETS", "TRAINING_SEQ_LEN", "get_preset"]
