@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+r"""Build the CPU demo's data sets under data/demo/ (deterministic: the same --seed gives the same bytes).
+
+Every math answer is a short worked line and the result in a box: "What is 23 + 45?" -> "23 + 45 = 68. \boxed{68}".
+
+- arithmetic_corpus.txt: pre-training prose (equations, worked word problems, counting, number facts); documents
+  separated by a blank line. It is mixed with data/tiny_corpus.txt for the pre-training stage.
+- sft_{train,test}.jsonl: chat messages; 60% bare sums and differences, 30% word problems, 10% fixed small talk.
+- dpo_{train,test}.jsonl: conversational preference pairs; rejected is off by a little, unboxed, or rambling.
+- grpo_{train,test}.jsonl: a prompt and the integer answer as a string, for the accuracy reward.
+- lora_{train,test}.jsonl: products of a one-digit and a one- or two-digit number, a skill no earlier file shows.
+
+Addition and subtraction use operands 0-99 (differences are never negative); word problems use operands from 2 so
+that every noun is plural. An unordered operand pair {a, b} belongs to the test split when
+(2 * min(a, b) + max(a, b)) % 10 == 3 (see `is_held_out`); the train files and the corpus never use such a pair.
+
+Usage: python scripts/make_demo_data.py [--out data/demo] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+CORPUS_BYTES = 120_000
+COUNT_TO = 199  # counting runs cover every sum of two operands up to 99
+SFT_ROWS = {"train": 600, "test": 60}
+DPO_ROWS = {"train": 300, "test": 40}
+GRPO_ROWS = {"train": 300, "test": 64}
+LORA_ROWS = {"train": 300, "test": 40}
+
+NAMES = ("Mia", "Sam", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Priya", "Kenji", "Lucia")
+OBJECTS = ("pens", "apples", "marbles", "stickers", "books", "cookies", "cards", "shells")
+
+OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+BARE_QUESTIONS = (
+    "What is {a} {op} {b}?",
+    "Compute {a} {op} {b}.",
+    "{a} {op} {b} = ?",
+    "Calculate {a} {op} {b}.",
+    "What is {a} {word} {b}?",
+)
+WORD_QUESTIONS = {
+    "+": (
+        "{name} has {a} {obj} and buys {b} more. How many {obj} does {name} have now?",
+        "There are {a} {obj} in a box. {name} puts in {b} more. How many {obj} are in the box now?",
+        "{name} read {a} pages on Monday and {b} pages on Tuesday. How many pages did {name} read in total?",
+        "A class has {a} girls and {b} boys. How many children are in the class?",
+    ),
+    "-": (
+        "{name} has {a} {obj} and gives {b} to a friend. How many {obj} does {name} have left?",
+        "A shop had {a} {obj}. It sold {b} of them. How many {obj} are left?",
+        "There were {a} birds on a tree. Then {b} flew away. How many birds are on the tree now?",
+        "{name} had {a} dollars and spent {b} dollars. How many dollars does {name} have left?",
+    ),
+    "*": (
+        "{name} has {a} bags with {b} {obj} in each bag. How many {obj} does {name} have?",
+        "There are {a} rows with {b} chairs in each row. How many chairs are there?",
+        "{name} buys {a} packs of {obj} with {b} in each pack. How many {obj} does {name} buy?",
+        "A box holds {b} {obj}. How many {obj} are in {a} boxes?",
+    ),
+}
+
+# Small talk keeps the chat model able to answer a plain question without a box.
+CHAT = (
+    ("Hello!", "Hello! How can I help you today?"),
+    ("Hi there.", "Hi! What would you like to know?"),
+    ("Good morning!", "Good morning! How can I help?"),
+    ("How are you?", "I am doing well, thank you. How can I help?"),
+    ("Thank you!", "You are welcome!"),
+    ("Thanks for the help.", "Happy to help!"),
+    ("Goodbye!", "Goodbye! Have a nice day."),
+    ("What can you do?", "I can answer short questions and solve simple sums."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is the capital of Germany?", "The capital of Germany is Berlin."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Spain?", "The capital of Spain is Madrid."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("What is the capital of Canada?", "The capital of Canada is Ottawa."),
+    ("What is the capital of Australia?", "The capital of Australia is Canberra."),
+    ("What is the capital of Egypt?", "The capital of Egypt is Cairo."),
+    ("What is the capital of Norway?", "The capital of Norway is Oslo."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
+    ("What color is grass?", "Grass is green."),
+    ("What do bees make?", "Bees make honey."),
+    ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun."),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+    ("What is the opposite of up?", "The opposite of up is down."),
+    ("What is frozen water called?", "Frozen water is called ice."),
+    ("What language is mainly spoken in Brazil?", "Portuguese is the main language of Brazil."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("What is the first letter of the English alphabet?", "The first letter of the English alphabet is A."),
+    ("Which season comes after winter?", "Spring comes after winter."),
+)
+
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen"
+).split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def is_held_out(a: int, b: int) -> bool:
+    """Whether the operand pair {a, b} belongs to the test split (about one pair in ten).
+
+    Symmetric, so 45 + 23 cannot leak a held-out 23 + 45 into train; and spread over every last digit of the sum
+    and the difference (a rule on a + b alone would hold out whole classes of answers).
+    """
+    lo, hi = sorted((a, b))
+    return (2 * lo + hi) % 10 == 3
+
+
+def solve(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def worked(a: int, op: str, b: int) -> str:
+    c = solve(a, op, b)
+    return f"{a} {op} {b} = {c}. \\boxed{{{c}}}"
+
+
+def sample_pair(rng: random.Random, op: str, held_out: bool, low: int = 0) -> tuple[int, int]:
+    while True:
+        if op == "*":
+            a, b = rng.randint(2, 9), rng.randint(2, 19)
+        else:
+            a, b = rng.randint(low, 99), rng.randint(low, 99)
+            if op == "-" and a < b:
+                a, b = b, a
+        if is_held_out(a, b) == held_out:
+            return a, b
+
+
+def bare_question(rng: random.Random, op: str, a: int, b: int) -> str:
+    return rng.choice(BARE_QUESTIONS).format(a=a, op=op, b=b, word=OP_WORDS[op])
+
+
+def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
+    return rng.choice(WORD_QUESTIONS[op]).format(a=a, b=b, name=rng.choice(NAMES), obj=rng.choice(OBJECTS))
+
+
+def math_problems(rng: random.Random, n: int, ops: str, held_out: bool) -> list[tuple[str, int, str, int]]:
+    """`n` distinct (question, a, op, b), shuffled: two bare questions for every word problem."""
+    problems, seen = [], set()
+    while len(problems) < n:
+        op = rng.choice(ops)
+        is_word = len(problems) % 3 == 2
+        a, b = sample_pair(rng, op, held_out, low=2 if is_word else 0)
+        question = word_problem(rng, op, a, b) if is_word else bare_question(rng, op, a, b)
+        if question not in seen:
+            seen.add(question)
+            problems.append((question, a, op, b))
+    rng.shuffle(problems)
+    return problems
+
+
+def chat_row(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def sft_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+    n_chat = n // 10
+    # train cycles through every small-talk pair; test samples a few of them (they are fixed facts, not held out)
+    chat = [CHAT[i % len(CHAT)] for i in range(n_chat)] if n_chat >= len(CHAT) else rng.sample(CHAT, n_chat)
+    rows = [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n - n_chat, "+-", held_out)]
+    rows += [chat_row(q, answer) for q, answer in chat]
+    rng.shuffle(rows)
+    return rows
+
+
+def rejected_answer(rng: random.Random, kind: int, a: int, op: str, b: int) -> str:
+    c, expression = solve(a, op, b), f"{a} {op} {b}"
+    if kind == 0:  # a near miss, consistent in the worked line and the box
+        delta = rng.choice((-3, -2, -1, 1, 2, 3))
+        wrong = c + delta if c + delta >= 0 else c - delta
+        return f"{expression} = {wrong}. \\boxed{{{wrong}}}"
+    if kind == 1:  # right, but without the box the reward and the evaluation look for
+        return f"{expression} = {c}."
+    return f"Let me think. {expression} is {expression}, and {expression} is {expression}, so {expression} is"
+
+
+def dpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": worked(a, op, b)}],
+            "rejected": [{"role": "assistant", "content": rejected_answer(rng, i % 3, a, op, b)}],
+        }
+        for i, (q, a, op, b) in enumerate(math_problems(rng, n, "+-", held_out))
+    ]
+
+
+def grpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+    return [
+        {"prompt": [{"role": "user", "content": q}], "answer": str(solve(a, op, b))}
+        for q, a, op, b in math_problems(rng, n, "+-", held_out)
+    ]
+
+
+def lora_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+    return [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n, "*", held_out)]
+
+
+def number_words(n: int) -> str:
+    if n >= 100:
+        return "one hundred" + (f" {number_words(n - 100)}" if n > 100 else "")
+    if n < 20:
+        return ONES[n]
+    tens, ones = divmod(n, 10)
+    return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
+
+
+def practice_doc(rng: random.Random) -> str:
+    op = rng.choice("+-")
+    title = {"+": "Addition practice.", "-": "Subtraction practice."}[op]
+    pairs = [sample_pair(rng, op, False) for _ in range(rng.randint(5, 8))]
+    return "\n".join([title] + [worked(a, op, b) for a, b in pairs])
+
+
+def word_problems_doc(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(3, 5)):
+        op = rng.choice("+-")
+        a, b = sample_pair(rng, op, False, low=2)
+        lines.append(f"{word_problem(rng, op, a, b)} {worked(a, op, b)}")
+    return "\n".join(lines)
+
+
+def question_answer_doc(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(3, 5)):
+        op = rng.choice("+-")
+        a, b = sample_pair(rng, op, False)
+        lines += [f"Question: {bare_question(rng, op, a, b)}", f"Answer: {worked(a, op, b)}"]
+    return "\n".join(lines)
+
+
+def in_words_doc(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(3, 5)):
+        op = rng.choice("+-")
+        a, b = sample_pair(rng, op, False)
+        said = f"{number_words(a)} {OP_WORDS[op]} {number_words(b)}"
+        lines.append(f"{said.capitalize()} equals {number_words(solve(a, op, b))}, so {worked(a, op, b)}")
+    return "\n".join(lines)
+
+
+def counting_doc(rng: random.Random) -> str:
+    step = rng.choice((1, 1, 2, 5, 10))
+    length = rng.randint(8, 14)
+    if rng.random() < 0.5:
+        start = rng.randint(0, COUNT_TO - step * (length - 1))
+        numbers, direction = list(range(start, start + step * length, step)), "up"
+    else:
+        start = rng.randint(step * (length - 1), COUNT_TO)
+        numbers, direction = list(range(start, start - step * length, -step)), "down"
+    by = "" if step == 1 else f" by {step}s"
+    relation = "more" if direction == "up" else "less"
+    return (
+        f"Counting {direction}{by} from {numbers[0]}: {', '.join(map(str, numbers))}.\n"
+        f"Each number is {number_words(step)} {relation} than the number before it."
+    )
+
+
+def fact_family_doc(rng: random.Random) -> str:
+    while True:
+        a, b = sample_pair(rng, "+", False, low=1)
+        c = a + b
+        if c <= 99 and not is_held_out(c, a) and not is_held_out(c, b):
+            break
+    return (
+        f"The numbers {a}, {b} and {c} make a fact family.\n"
+        f"{a} + {b} = {c} and {b} + {a} = {c}.\n"
+        f"{c} - {b} = {a} and {c} - {a} = {b}.\n"
+        f"So if you know that {a} + {b} = {c}, you also know that {c} - {a} = {b}. \\boxed{{{b}}}"
+    )
+
+
+def number_facts_doc(rng: random.Random) -> str:
+    n, m = sample_pair(rng, "-", False, low=1)
+    while n == m:
+        n, m = sample_pair(rng, "-", False, low=1)
+    tens, ones = divmod(n, 10)
+    return (
+        f"The number {n} is written {number_words(n)}.\n"
+        f"It comes after {n - 1} and before {n + 1}, and it is {'even' if n % 2 == 0 else 'odd'}.\n"
+        f"Its tens digit is {tens} and its ones digit is {ones}.\n"
+        f"{n} is greater than {m}, so {m} is less than {n}. The difference is {worked(n, '-', m)}"
+    )
+
+
+CORPUS_DOCS = (
+    practice_doc,
+    word_problems_doc,
+    question_answer_doc,
+    in_words_doc,
+    counting_doc,
+    fact_family_doc,
+    number_facts_doc,
+)
+
+
+def corpus(rng: random.Random, max_bytes: int) -> str:
+    docs, size = [], 0
+    while size < max_bytes:
+        doc = rng.choice(CORPUS_DOCS)(rng)
+        docs.append(doc)
+        size += len(doc) + 2
+    return "\n\n".join(docs) + "\n"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def build(out: Path, seed: int) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+
+    # one stream per file, so that changing one file's recipe leaves the other files as they are
+    def rng(name: str) -> random.Random:
+        return random.Random(f"{seed}:{name}")
+
+    path = out / "arithmetic_corpus.txt"
+    path.write_text(corpus(rng(path.name), CORPUS_BYTES), encoding="utf-8", newline="\n")
+    paths = [path]
+    for stage, make_rows, counts in (
+        ("sft", sft_rows, SFT_ROWS),
+        ("dpo", dpo_rows, DPO_ROWS),
+        ("grpo", grpo_rows, GRPO_ROWS),
+        ("lora", lora_rows, LORA_ROWS),
+    ):
+        for split, n in counts.items():
+            path = out / f"{stage}_{split}.jsonl"
+            write_jsonl(path, make_rows(rng(path.name), n, held_out=split == "test"))
+            paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "data" / "demo"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for path in build(Path(args.out), args.seed):
+        text = path.read_text(encoding="utf-8")
+        print(f"wrote {path} ({len(text.encode())} bytes, {text.count(chr(10))} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

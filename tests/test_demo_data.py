@@ -1,0 +1,172 @@
+"""The demo data: scripts/make_demo_data.py is deterministic, data/demo is its output, and every answer is right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from apex_hf.rewards import accuracy_reward, format_reward
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = REPO_ROOT / "data" / "demo"
+ROW_COUNTS = {
+    "sft_train.jsonl": 600,
+    "sft_test.jsonl": 60,
+    "dpo_train.jsonl": 300,
+    "dpo_test.jsonl": 40,
+    "grpo_train.jsonl": 300,
+    "grpo_test.jsonl": 64,
+    "lora_train.jsonl": 300,
+    "lora_test.jsonl": 40,
+}
+# the words that give away the operation of a question, bare ("What is 7 minus 3?") or worded
+OP_KEYWORDS = {
+    "+": ("+", "plus", "more", "in total", "children"),
+    "-": ("-", "minus", "gives", "sold", "flew away", "spent"),
+    "*": ("*", "times", "each", "holds"),
+}
+WORKED = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\. \\boxed\{(\d+)\}")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("make_demo_data", REPO_ROOT / "scripts" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_demo_data = load_script()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    make_demo_data.main(["--out", str(out)])
+    return out
+
+
+def read_rows(name: str) -> list[dict]:
+    with open(SHIPPED / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def recompute(question: str) -> tuple[int, str, int, int]:
+    """(a, op, b, result) read off a question: its two numbers and the one operation its wording names."""
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    ops = [op for op, words in OP_KEYWORDS.items() if any(word in question for word in words)]
+    assert len(numbers) == 2 and len(ops) == 1, question
+    (a, b), op = numbers, ops[0]
+    assert op != "-" or a >= b, question
+    return a, op, b, make_demo_data.solve(a, op, b)
+
+
+def check_worked(question: str, answer: str) -> str:
+    """Asserts that `answer` is the worked line of `question`; returns the result."""
+    a, op, b, result = recompute(question)
+    match = WORKED.fullmatch(answer)
+    assert match, answer
+    x, answer_op, y, c, boxed = match.groups()
+    assert answer_op == op and sorted((int(x), int(y))) == sorted((a, b)) and int(c) == int(boxed) == result, answer
+    return str(result)
+
+
+def question_pairs(name: str) -> set[tuple[int, int]]:
+    pairs = set()
+    for row in read_rows(name):
+        question = (row["messages"] if "messages" in row else row["prompt"])[0]["content"]
+        numbers = sorted(int(n) for n in re.findall(r"\d+", question))
+        if numbers:
+            pairs.add(tuple(numbers))
+    return pairs
+
+
+def test_generator_is_deterministic(generated, tmp_path):
+    make_demo_data.main(["--out", str(tmp_path)])
+    names = sorted(path.name for path in generated.iterdir())
+    assert names == sorted(path.name for path in tmp_path.iterdir())
+    for name in names:
+        assert (generated / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_shipped_data_matches_generator(generated):
+    names = sorted(path.name for path in generated.iterdir())
+    assert names == sorted(["arithmetic_corpus.txt", *ROW_COUNTS])
+    assert sorted(path.name for path in SHIPPED.iterdir()) == sorted([*names, "README.md"])
+    for name in names:
+        assert (SHIPPED / name).read_bytes() == (generated / name).read_bytes(), f"{name}: rerun the script"
+
+
+def test_sizes_and_row_counts():
+    for name, count in ROW_COUNTS.items():
+        assert len(read_rows(name)) == count, name
+    corpus = (SHIPPED / "arithmetic_corpus.txt").read_text(encoding="utf-8")
+    assert 100_000 < len(corpus) < 200_000
+    assert corpus.count("\n\n") > 300  # documents separated by blank lines
+    assert sum(path.stat().st_size for path in SHIPPED.iterdir()) < 410_000
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo", "lora"])
+def test_held_out_pairs(stage):
+    train, test = question_pairs(f"{stage}_train.jsonl"), question_pairs(f"{stage}_test.jsonl")
+    assert train and test and not train & test
+    assert all(make_demo_data.is_held_out(*pair) for pair in test)
+    assert not any(make_demo_data.is_held_out(*pair) for pair in train)
+
+
+def test_corpus_uses_train_pairs_only():
+    corpus = (SHIPPED / "arithmetic_corpus.txt").read_text(encoding="utf-8")
+    equations = re.findall(r"(\d+) [-+] (\d+) = (\d+)", corpus)
+    assert len(equations) > 1000
+    assert not any(make_demo_data.is_held_out(int(a), int(b)) for a, b, _ in equations)
+
+
+@pytest.mark.parametrize("name", ["sft_train.jsonl", "sft_test.jsonl", "lora_train.jsonl", "lora_test.jsonl"])
+def test_chat_answers_are_right(name):
+    chat = dict(make_demo_data.CHAT)
+    rows = read_rows(name)
+    math_messages, answers = [], []
+    for row in rows:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        if user["content"] in chat:  # small talk
+            assert assistant["content"] == chat[user["content"]]
+            continue
+        answers.append(check_worked(user["content"], assistant["content"]))
+        math_messages.append([assistant])
+    assert len(math_messages) >= 0.85 * len(rows)
+    assert accuracy_reward(math_messages, answer=answers) == [1.0] * len(answers)
+    assert format_reward(math_messages) == [1.0] * len(answers)
+
+
+@pytest.mark.parametrize("name", ["grpo_train.jsonl", "grpo_test.jsonl"])
+def test_grpo_answers_are_right(name):
+    rows = read_rows(name)
+    for row in rows:
+        assert row["answer"] == str(recompute(row["prompt"][0]["content"])[3])
+    gold = [[{"role": "assistant", "content": f"\\boxed{{{row['answer']}}}"}] for row in rows]
+    assert accuracy_reward(gold, answer=[row["answer"] for row in rows]) == [1.0] * len(rows)
+
+
+@pytest.mark.parametrize("name", ["dpo_train.jsonl", "dpo_test.jsonl"])
+def test_dpo_chosen_beats_rejected(name):
+    rows = read_rows(name)
+    answers = [check_worked(row["prompt"][0]["content"], row["chosen"][0]["content"]) for row in rows]
+    chosen, rejected = [row["chosen"] for row in rows], [row["rejected"] for row in rows]
+    assert all(c != r for c, r in zip(chosen, rejected))
+    chosen_scores = zip(accuracy_reward(chosen, answer=answers), format_reward(chosen))
+    rejected_scores = zip(accuracy_reward(rejected, answer=answers), format_reward(rejected))
+    for (c_accuracy, c_format), (r_accuracy, r_format) in zip(chosen_scores, rejected_scores):
+        assert c_accuracy == c_format == 1.0
+        assert r_accuracy + r_format < 2.0  # every rejected answer is wrong, unboxed, or both
+
+
+def test_multiplication_only_in_lora_files():
+    names = ["arithmetic_corpus.txt"] + [name for name in ROW_COUNTS if not name.startswith("lora")]
+    for name in names:
+        text = (SHIPPED / name).read_text(encoding="utf-8")
+        assert "*" not in text and " times " not in text, name
