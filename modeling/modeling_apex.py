@@ -440,8 +440,9 @@ class ApexTopKRouter(nn.Module):
         self.hidden_dim = config.hidden_size
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts))
-        # Assignments per expert since the last bias update (aux-loss-free balancing); not part of the checkpoint.
-        self.expert_load = nn.Buffer(torch.zeros(self.num_experts), persistent=False)
+        # Assignments per expert since the last bias update (aux-loss-free balancing). Saved with the weights so that
+        # a run resumed from a checkpoint takes the same next balancing step as one that never stopped.
+        self.expert_load = nn.Buffer(torch.zeros(self.num_experts))
         self.last_z_loss: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor):
