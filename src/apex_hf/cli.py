@@ -1,4 +1,10 @@
-"""`apex-hf` command line: `info` (sizes of a preset or a saved config), `presets`, `demo` (see demo.py)."""
+"""`apex-hf` command line.
+
+`info` / `presets`: sizes of a preset or a saved config. `pretrain` / `sft` / `dpo` / `grpo --config FILE`: one
+training stage (`--field value` overrides the file). `pipeline FILE`: the stages in order. `merge-lora`: fold an
+adapter into its base model. `demo`: the CPU demo. Training commands run the same under `accelerate launch`
+(`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
+"""
 
 from __future__ import annotations
 
@@ -64,6 +70,33 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_job(args: argparse.Namespace, overrides: list[str]):
+    """Read and check everything a training command needs, and return the call that runs it. Errors here are bad
+    input (a recipe, a path) and get a one-line message; errors while training keep their traceback."""
+    if args.command == "pretrain":
+        from .pretrain.config import load_pretrain_config
+        from .pretrain.train import run_pretrain
+
+        config = load_pretrain_config(args.config, overrides)
+        return lambda: run_pretrain(config)
+    if args.command == "pipeline":
+        from .pipeline import plan_pipeline, run_pipeline
+
+        plan = plan_pipeline(args.file, overrides)
+        return lambda: run_pipeline(plan, resume=args.resume)
+    if args.command == "merge-lora":
+        from .lora import merge_lora
+
+        return lambda: merge_lora(args.adapter, args.output, base_model=args.base)
+    from .recipe import load_recipe
+    from .stages import run_stage
+
+    if args.resume:
+        overrides = [*overrides, "--resume_from_checkpoint", "latest"]
+    recipe = load_recipe(args.config, args.command, overrides)
+    return lambda: run_stage(recipe)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="apex-hf", description="Apex (MoE + iterative refinement) tools")
@@ -75,15 +108,37 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
     commands.add_parser("presets", help="list the preset names")
 
+    for stage, description in (
+        ("pretrain", "pre-train (or continue pre-training) with Accelerate"),
+        ("sft", "supervised fine-tuning (TRL SFTTrainer)"),
+        ("dpo", "preference optimisation (TRL DPOTrainer)"),
+        ("grpo", "reinforcement learning with verifiable rewards (TRL GRPOTrainer)"),
+    ):
+        command = commands.add_parser(stage, help=description, description=f"{description}; --field value overrides")
+        command.add_argument("--config", required=True, help=f"recipe YAML, e.g. recipes/apex-small/{stage}.yaml")
+        if stage != "pretrain":
+            command.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+
+    pipeline = commands.add_parser("pipeline", help="run a pipeline of stages, each feeding the next")
+    pipeline.add_argument("file", help="pipeline YAML, e.g. recipes/apex-small/pipeline.yaml")
+    pipeline.add_argument("--resume", action="store_true", help="skip finished stages, resume an unfinished one")
+
+    merge = commands.add_parser("merge-lora", help="merge a LoRA adapter into its base model and save the result")
+    merge.add_argument("adapter", help="adapter folder (adapter_config.json + weights)")
+    merge.add_argument("output", help="new folder for the merged model")
+    merge.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+
     # ---- demo: owned by src/apex_hf/demo.py, imported only when asked so the rest works without it ----
-    demo = commands.add_parser("demo", help="train and sample a small Apex on CPU")
+    demo = commands.add_parser("demo", help="the whole pipeline on a small Apex, on CPU, in minutes")
     if argv[:1] == ["demo"]:
         from .demo import add_demo_arguments
 
         add_demo_arguments(demo)
     # ---------------------------------------------------------------------------------------------------
 
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.command not in ("pretrain", "sft", "dpo", "grpo", "pipeline"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.command == "info":
         try:
             return _info(args)
@@ -91,9 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
     if args.command == "presets":
         return _presets(args)
-    from .demo import run_demo
+    if args.command == "demo":
+        from .demo import run_demo
 
-    run_demo(args)
+        run_demo(args)
+        return 0
+    try:
+        job = _prepare_job(args, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
+    job()
     return 0
 
 

@@ -7,7 +7,8 @@ calls of `pop()`, averages over the training forwards (gradient enabled, module 
   consistency loss, router z-loss, multi-token-prediction loss),
 - expert-load balance per MoE layer, as the max violation of DeepSeek's aux-loss-free paper:
   (max expert load - mean load) / mean load, averaged over layers (0 = perfect balance),
-- training tokens per second (non-padding input tokens / wall time since the previous `pop()`).
+- training tokens per second (non-padding input tokens / wall time since the previous `pop()`),
+- on CUDA, the peak memory allocated so far (GiB).
 
 Values are accumulated as tensors and read once per `pop()`, so a log step costs one device sync, not one per forward.
 Classes are matched by what they carry (`aux_losses`, `e_score_correction_bias`), not by type, so a model loaded as
@@ -79,6 +80,8 @@ class ApexTrainingStats:
             stats = {self.prefix + name: value for name, value in zip(names, values)}
         if self._tokens:
             stats["train_tokens_per_second"] = float(self._tokens) / max(now - self._clock, 1e-9)
+        if torch.cuda.is_available():
+            stats["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self._sums.clear()
         self._counts.clear()
         self._tokens = 0

@@ -34,8 +34,9 @@ def train_bpe_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
 
-    Special tokens get fixed ids: ``<|pad|>`` = 0, ``<|bos|>`` = 1, ``<|endoftext|>`` = 2 (eos), and the ChatML turn
-    markers ``<|im_start|>`` = 3, ``<|im_end|>`` = 4, so that adding the chat template later does not grow the vocabulary.
+    Special tokens get fixed ids: ``<|pad|>`` = 0, ``<|bos|>`` = 1, ``<|endoftext|>`` = 2 (eos), and the ChatML
+    turn markers ``<|im_start|>`` = 3, ``<|im_end|>`` = 4, so that adding the chat template later does not grow the
+    vocabulary.
     Byte-level means every input is encodable (no unk token). ``vocab_size`` includes the 256
     byte symbols and the 5 special tokens, so it must be > 261. If ``save_dir`` is given the
     tokenizer is saved there (``save_pretrained``) and can be reloaded with ``AutoTokenizer``.

@@ -1,0 +1,12 @@
+"""Pre-training on HF Accelerate: `apex-hf pretrain --config FILE [--key value ...]` calls `pretrain(path, overrides)`.
+
+- `config`: the recipe (`PretrainConfig`), checked before any model is built;
+- `data`: documents -> packed rows (no cross-document attention) -> deterministic, resumable batches;
+- `train`: the loop, held-out evaluation, logs and the saved folder.
+"""
+
+from .config import PretrainConfig, load_pretrain_config
+from .train import pretrain, run_pretrain
+
+
+__all__ = ["PretrainConfig", "load_pretrain_config", "pretrain", "run_pretrain"]

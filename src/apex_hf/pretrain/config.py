@@ -1,0 +1,269 @@
+"""The pre-training recipe: one YAML file, fully checked before any model is built.
+
+```yaml
+model:                 # exactly one of preset / name_or_path
+  preset: apex-small   # a fresh model (apex_hf.presets); or name_or_path: a folder or Hub id to continue from
+  overrides: {num_refinement_steps: 2}   # ApexConfig fields on top of the preset or checkpoint
+tokenizer:             # one of: name_or_path (any HF tokenizer) / train_vocab_size (a byte-level BPE on the data)
+  train_vocab_size: 1024
+data:                  # TRL's dataset mixture + eval_datasets (apex_hf.recipe.DataArguments), plus text_column
+  datasets:
+    - {path: text, data_files: data/tiny_corpus.txt, sample_by: paragraph}
+  test_split_size: 0.05
+output_dir: outputs/apex-small/pretrain
+seq_len: 128
+max_steps: 300         # ...and the other top-level fields of PretrainConfig
+```
+
+`--key value` / `--section.key value` on the command line override the file (`apex_hf.recipe.apply_overrides`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl.scripts.utils import DatasetConfig
+
+from ..recipe import DataArguments, apply_overrides, build_dataclass, check_data_files, read_yaml
+
+
+SCHEDULERS = ("cosine", "wsd")
+MIXED_PRECISION = ("no", "bf16")
+MODEL_DTYPES = ("float32", "bfloat16", "auto")
+SAMPLE_BY = ("line", "paragraph", "document")
+# The tokenizer decides these; a recipe that set them could silently disagree with it.
+TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+@dataclass
+class ModelSection:
+    """Where the model comes from: a preset (a new model) or a checkpoint (continued pre-training)."""
+
+    preset: str | None = None
+    name_or_path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # ApexConfig fields
+    dtype: str = "float32"  # weights' dtype; keep float32 for mixed_precision bf16 (fp32 master weights)
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"; default: transformers'
+
+    def __post_init__(self):
+        if (self.preset is None) == (self.name_or_path is None):
+            raise ValueError(
+                f"model: set exactly one of preset (a new model) and name_or_path (continued pre-training), "
+                f"got preset={self.preset!r}, name_or_path={self.name_or_path!r}"
+            )
+        _require(self.dtype in MODEL_DTYPES, "model.dtype", self.dtype, f"one of {MODEL_DTYPES}")
+        _require(
+            self.dtype != "auto" or self.name_or_path is not None,
+            "model.dtype",
+            self.dtype,
+            "float32 or bfloat16 for a preset ('auto' means the checkpoint's dtype)",
+        )
+        clashing = sorted(set(self.overrides) & set(TOKENIZER_FIELDS))
+        if clashing:
+            raise ValueError(f"model.overrides: {clashing} come from the tokenizer and cannot be overridden")
+
+
+@dataclass
+class TokenizerSection:
+    """A tokenizer to load, or the size of a byte-level BPE to train on the training documents. Empty: the
+    tokenizer saved with `model.name_or_path`."""
+
+    name_or_path: str | None = None
+    train_vocab_size: int | None = None
+
+    def __post_init__(self):
+        if self.name_or_path is not None and self.train_vocab_size is not None:
+            raise ValueError("tokenizer: set name_or_path or train_vocab_size, not both")
+
+
+@dataclass
+class PretrainDatasetConfig(DatasetConfig):
+    """TRL's `DatasetConfig` (the arguments of `datasets.load_dataset`) plus the text builder's `sample_by`:
+    `paragraph` reads a `.txt` file as one document per blank-line-separated paragraph (the default, `line`, would
+    make every line a document)."""
+
+    sample_by: str | None = None
+
+    def __post_init__(self):
+        if self.sample_by is not None:
+            _require(self.path == "text", "sample_by", self.sample_by, "set only for path: text")
+            _require(self.sample_by in SAMPLE_BY, "sample_by", self.sample_by, f"one of {SAMPLE_BY}")
+
+
+@dataclass
+class PretrainDataArguments(DataArguments):
+    """`apex_hf.recipe.DataArguments` whose datasets may set `sample_by`, plus the column holding the text."""
+
+    text_column: str = "text"
+
+    def __post_init__(self):
+        # Converted here, before the parent turns the remaining dicts into plain DatasetConfig (no sample_by).
+        for name in ("datasets", "eval_datasets"):
+            entries = getattr(self, name)
+            setattr(
+                self,
+                name,
+                [
+                    build_dataclass(PretrainDatasetConfig, entry, f"data.{name}[{index}]")
+                    if isinstance(entry, dict)
+                    else entry
+                    for index, entry in enumerate(entries)
+                ],
+            )
+        super().__post_init__()
+        if self.streaming and self.test_split_size is not None:
+            raise ValueError("data.test_split_size needs a map-style dataset; with streaming, set data.eval_datasets")
+
+
+@dataclass
+class PretrainConfig:
+    """Top-level fields of a pre-training recipe. Steps are optimizer steps; a step sees
+    `per_device_train_batch_size * gradient_accumulation_steps * processes` rows of `seq_len` tokens."""
+
+    model: ModelSection
+    data: PretrainDataArguments
+    output_dir: str
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    seq_len: int = 2048
+    max_steps: int = 1000
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1  # the schedule ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    warmup_steps: int = 100
+    lr_scheduler_type: str = "cosine"  # "cosine" (warmup, cosine decay) | "wsd" (warmup, stable, decay)
+    decay_ratio: float = 0.1  # wsd: the last decay_ratio of max_steps decays
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" (autocast; weights and optimizer state stay float32)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (transformers 5 name)
+    torch_compile: bool = False  # compile each decoder layer (regional compilation, as torchtitan does)
+    seed: int = 0
+    logging_steps: int = 10
+    eval_steps: int = 0  # held-out loss every eval_steps; 0: only before and after training
+    max_eval_batches: int | None = None  # per process; None: the whole held-out set
+    save_steps: int = 0  # a checkpoint-<step> folder every save_steps; 0: only the final model
+    num_workers: int = 0  # processes that tokenize a map-style dataset (datasets.map num_proc); 0: this one
+    report_to: list[str] | str = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard, wandb]
+
+    def __post_init__(self):
+        if self.mixed_precision is False:  # YAML 1.1 (PyYAML) reads a bare `no` as false
+            self.mixed_precision = "no"
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        _require(bool(self.output_dir), "output_dir", self.output_dir, "a folder")
+        for name in (
+            "seq_len",
+            "max_steps",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+        _require(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2 (a row predicts its tokens from earlier ones)")
+        for name in ("eval_steps", "save_steps", "num_workers", "weight_decay", "warmup_steps"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
+        _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
+        _require(self.warmup_steps <= self.max_steps, "warmup_steps", self.warmup_steps, "<= max_steps")
+        _require(
+            self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type", self.lr_scheduler_type, f"one of {SCHEDULERS}"
+        )
+        if self.lr_scheduler_type == "wsd":
+            _require(0 < self.decay_ratio <= 1, "decay_ratio", self.decay_ratio, "in (0, 1]")
+            _require(
+                self.warmup_steps + self.num_decay_steps <= self.max_steps,
+                "warmup_steps",
+                self.warmup_steps,
+                f"<= max_steps - decay steps ({self.max_steps - self.num_decay_steps}) for wsd",
+            )
+        _require(
+            self.mixed_precision in MIXED_PRECISION,
+            "mixed_precision",
+            self.mixed_precision,
+            f"one of {MIXED_PRECISION}",
+        )
+        _require(
+            self.max_eval_batches is None or self.max_eval_batches > 0,
+            "max_eval_batches",
+            self.max_eval_batches,
+            "> 0 or null",
+        )
+        _require(
+            not (self.data.streaming and self.data.eval_datasets) or self.max_eval_batches is not None,
+            "max_eval_batches",
+            self.max_eval_batches,
+            "set with data.streaming (a streamed held-out set is read up to it)",
+        )
+        self._check_tokenizer()
+        limit = self.model_config().max_trained_length
+        if limit is not None and self.seq_len > limit:
+            raise ValueError(f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={limit}")
+
+    def _check_tokenizer(self) -> None:
+        tokenizer = self.tokenizer
+        if self.model.preset is not None and tokenizer.name_or_path is None and tokenizer.train_vocab_size is None:
+            raise ValueError("tokenizer: a new model (model.preset) needs tokenizer.name_or_path or train_vocab_size")
+        if tokenizer.train_vocab_size is not None:
+            _require(
+                self.model.preset is not None,
+                "tokenizer.train_vocab_size",
+                tokenizer.train_vocab_size,
+                "unset when continuing from model.name_or_path (its embeddings belong to its own tokenizer)",
+            )
+            _require(
+                not self.data.streaming,
+                "tokenizer.train_vocab_size",
+                tokenizer.train_vocab_size,
+                "used without data.streaming (train a tokenizer once, then set tokenizer.name_or_path)",
+            )
+
+    @property
+    def num_decay_steps(self) -> int:
+        return round(self.decay_ratio * self.max_steps)
+
+    @property
+    def tokenizer_name_or_path(self) -> str | None:
+        return self.tokenizer.name_or_path or (None if self.tokenizer.train_vocab_size else self.model.name_or_path)
+
+    def model_config(self, **tokenizer_fields):
+        """The model's config: the preset, or the checkpoint's config, with `model.overrides` (and, when building
+        the model, the tokenizer's vocabulary size and special-token ids) applied."""
+        from transformers import AutoConfig
+
+        from ..presets import get_preset
+
+        if self.model.preset is not None:
+            return get_preset(self.model.preset, **self.model.overrides, **tokenizer_fields)
+        return AutoConfig.from_pretrained(self.model.name_or_path, **self.model.overrides, **tokenizer_fields)
+
+
+def parse_pretrain_config(raw: dict[str, Any], source: str = "<dict>") -> PretrainConfig:
+    """Check a pre-training recipe's mapping (unknown fields, missing data files, ranges, seq_len against the model)
+    and build it, before anything is loaded."""
+    raw = dict(raw)
+    for name in ("model", "data"):
+        if name not in raw:
+            raise ValueError(f"{source}: missing section {name!r}")
+    raw["model"] = build_dataclass(ModelSection, raw["model"], f"{source} [model]")
+    raw["data"] = build_dataclass(PretrainDataArguments, raw["data"], f"{source} [data]")
+    raw["tokenizer"] = build_dataclass(TokenizerSection, raw.get("tokenizer") or {}, f"{source} [tokenizer]")
+    check_data_files(raw["data"], f"{source} [data]")
+    return build_dataclass(PretrainConfig, raw, source)
+
+
+def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
+    """Read a pre-training recipe, apply `--key value` overrides, and check it."""
+    return parse_pretrain_config(apply_overrides(read_yaml(path), overrides or []), source=str(path))

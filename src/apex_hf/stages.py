@@ -1,0 +1,223 @@
+"""Post-training stages on TRL's trainers: `run_stage(recipe)` for SFT, DPO and GRPO.
+
+A stage loads the model and tokenizer named in its recipe (`apex_hf.recipe`), gives the tokenizer a chat template
+(resizing the embeddings if the vocabulary grew), loads the dataset mixture, wraps the model in LoRA when the recipe
+has a `peft` section, trains with TRL, and leaves in `output_dir` a complete model folder: weights (LoRA merged in;
+the adapter itself in `output_dir/adapter`), tokenizer, model card, `trainer_state.json` (the log history) and
+`stage_summary.json` (written last: the stage is complete). That folder loads with
+`from_pretrained(..., trust_remote_code=True)` where apex_hf is not installed, and is the next stage's model.
+
+Apex-specific: the trainers are TRL's, with `ApexStatsMixin` adding Apex's own training statistics (verifier,
+consistency, router z-loss, expert-load balance, tokens/s; see `apex_hf.metrics`) to every training log line.
+TRL itself logs the router load-balancing loss (`aux_loss`) and, for GRPO, each reward's mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+
+from .metrics import ApexTrainingStats
+from .recipe import Recipe, load_datasets
+from .tokenizer import prepare_chat_tokenizer
+
+
+SUMMARY_FILE = "stage_summary.json"
+
+
+class ApexStatsMixin:
+    """Adds `ApexTrainingStats` to each training log line (those that carry `loss`). Values are the main process's
+    own (not gathered): they describe the model, and every rank sees the same one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.apex_stats = ApexTrainingStats(self.model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self.apex_stats.pop())
+        super().log(logs, start_time)
+
+
+class ApexSFTTrainer(ApexStatsMixin, SFTTrainer):
+    pass
+
+
+class ApexDPOTrainer(ApexStatsMixin, DPOTrainer):
+    pass
+
+
+class ApexGRPOTrainer(ApexStatsMixin, GRPOTrainer):
+    pass
+
+
+TRAINERS = {"sft": ApexSFTTrainer, "dpo": ApexDPOTrainer, "grpo": ApexGRPOTrainer}
+
+
+def load_tokenizer(recipe: Recipe):
+    args = recipe.model
+    return AutoTokenizer.from_pretrained(
+        args.tokenizer_name_or_path or args.name_or_path,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A local folder that is not there would otherwise surface as a confusing Hub lookup error."""
+    is_repo_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not Path(name_or_path).exists() and not is_repo_id:
+        raise FileNotFoundError(f"model.name_or_path {name_or_path!r} is neither a folder nor a Hub repo id")
+
+
+def load_model(recipe: Recipe, tokenizer):
+    args = recipe.model
+    kwargs = dict(
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+    )
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if args.load_in_4bit:
+        from .lora import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(True)
+    model = AutoModelForCausalLM.from_pretrained(args.name_or_path, **kwargs)
+    prepare_chat_tokenizer(tokenizer, model, args.chat_template)
+    return model
+
+
+def build_trainer(recipe: Recipe):
+    """The stage's trainer, ready to `train()`: model, tokenizer, data, LoRA and rewards from the recipe."""
+    from transformers import set_seed
+
+    set_seed(recipe.args.seed)
+    check_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe)
+    model = load_model(recipe, tokenizer)
+    train_dataset, eval_dataset = load_datasets(recipe.data)
+    kwargs = dict(
+        model=model,
+        args=recipe.args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    if recipe.peft is not None:
+        from .lora import build_lora_config
+
+        kwargs["peft_config"] = build_lora_config(recipe.peft, model=model, where=f"{recipe.source} [peft]")
+        # An adapter holds LoRA weights, not the router's correction-bias buffer that aux-loss-free balancing updates
+        # on every training forward: keep the biases still, so base + adapter routes like the trained model.
+        # (`save_stage` gives the merged model the input's rate back.)
+        model.config.router_bias_update_rate = 0.0
+    if recipe.stage == "grpo":
+        from .rewards import resolve_reward
+
+        kwargs["reward_funcs"] = [resolve_reward(spec) for spec in recipe.reward_funcs]
+    return TRAINERS[recipe.stage](**kwargs)
+
+
+def run_stage(recipe: Recipe) -> Path:
+    """Train one stage and write its output folder; returns it."""
+    start = time.perf_counter()
+    trainer = build_trainer(recipe)
+    resume = recipe.args.resume_from_checkpoint
+    if resume == "latest":  # the newest checkpoint in output_dir, or a fresh start when there is none yet
+        output_dir = Path(recipe.args.output_dir)
+        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    output_dir = save_stage(trainer, recipe)
+    trainer.save_state()  # trainer_state.json: the log history, as every Trainer checkpoint has it
+    if trainer.accelerator.is_main_process:
+        summary = {
+            "stage": recipe.stage,
+            "recipe": recipe.source,
+            "model": recipe.model.name_or_path,
+            "global_step": trainer.state.global_step,
+            "train_loss": train_output.training_loss,
+            "final_eval": final_eval,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def save_stage(trainer, recipe: Recipe) -> Path:
+    """Weights (LoRA merged), tokenizer and model card into `output_dir`; with LoRA, the adapter in `adapter/`.
+
+    Merging happens in memory on the trained model; a 4-bit (QLoRA) or FSDP-sharded model cannot be merged there,
+    so its folder holds the adapter only (merge it onto the full-precision base with `apex-hf merge-lora`).
+    """
+    from peft import PeftModel
+
+    output_dir = Path(recipe.args.output_dir)
+    tokenizer = trainer.processing_class
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):
+        trainer.save_model(str(output_dir / "adapter"))
+        if recipe.model.load_in_4bit or trainer.is_fsdp_enabled:
+            return output_dir
+        model = model.merge_and_unload()
+        model.config.router_bias_update_rate = AutoConfig.from_pretrained(
+            recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        ).router_bias_update_rate
+        if trainer.accelerator.is_main_process:
+            model.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+    else:
+        trainer.save_model(str(output_dir))
+    if trainer.accelerator.is_main_process:
+        write_model_card(trainer, recipe, output_dir)
+        if recipe.args.push_to_hub:
+            push_folder(recipe, output_dir)
+    return output_dir
+
+
+def hub_dataset_ids(recipe: Recipe) -> list[str]:
+    """The mixture's datasets that are Hub repos (local files and builder names such as `json` are not)."""
+    return [d.path for d in recipe.data.datasets if d.data_files is None and d.path.count("/") == 1]
+
+
+def write_model_card(trainer, recipe: Recipe, output_dir: Path) -> None:
+    """TRL's model card (library_name, base_model when the input is a Hub repo, tags), with every Hub dataset of the
+    mixture in its metadata."""
+    from huggingface_hub import ModelCard
+
+    datasets = hub_dataset_ids(recipe)
+    trainer.create_model_card(
+        model_name=f"{output_dir.parent.name}-{output_dir.name}",
+        dataset_name=datasets[0] if datasets else None,
+        tags=["apex", recipe.stage] + (["lora"] if recipe.peft is not None else []),
+    )
+    card = ModelCard.load(output_dir / "README.md")
+    card.data.datasets = datasets or None
+    if card.data.base_model is None:  # a local input folder: TRL's template would link to huggingface.co/None
+        card.text = card.text.replace(
+            "[None](https://huggingface.co/None)", f"the local model `{recipe.model.name_or_path}`"
+        )
+    card.save(output_dir / "README.md")
+
+
+def push_folder(recipe: Recipe, output_dir: Path) -> None:
+    """Upload the finished stage folder (not its intermediate checkpoints) to `hub_model_id`."""
+    from huggingface_hub import HfApi
+
+    args = recipe.args
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or output_dir.name, private=args.hub_private_repo, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id.repo_id,
+        folder_path=output_dir,
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**"],
+        commit_message=f"apex-hf {recipe.stage} stage",
+    )

@@ -1,0 +1,253 @@
+"""Pre-training (`apex_hf.pretrain`): packing without cross-document attention, the resumable batch iterator, the
+learning-rate schedules, a tiny end-to-end run from the apex-tiny recipe, and recipe errors raised before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from tiny_configs import tiny_config
+
+from apex_hf import ApexForCausalLM
+from apex_hf.pretrain import load_pretrain_config, pretrain
+from apex_hf.pretrain.data import PackedBatches, make_batch, pack_rows
+from apex_hf.pretrain.train import build_scheduler
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO_ROOT / "recipes" / "apex-tiny" / "pretrain.yaml"
+EOS = 2
+
+
+def documents(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Token lists of the given lengths, each ending with eos, ids in [3, 97)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[*torch.randint(3, 97, (n - 1,), generator=generator).tolist(), EOS] for n in lengths]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# packing
+
+
+def test_packing_rows_positions_and_labels():
+    docs = documents([5, 3, 20, 9, 4, 11])
+    input_ids, starts = pack_rows(docs, seq_len=8)
+    stream = [token for doc in docs for token in doc]
+    assert input_ids.shape == (len(stream) // 8, 8)  # exactly seq_len per row; the partial tail is dropped
+    assert input_ids.flatten().tolist() == stream[: input_ids.numel()]
+
+    batch = make_batch(input_ids, starts)
+    doc_starts = {sum(map(len, docs[:i])) for i in range(len(docs))}
+    for flat_index, (position, label, token) in enumerate(
+        zip(batch["position_ids"].flatten(), batch["labels"].flatten(), batch["input_ids"].flatten())
+    ):
+        column = flat_index % 8
+        if flat_index in doc_starts or column == 0:  # a document start, or a cut document going on in a new row
+            assert position == 0
+        else:
+            assert position == batch["position_ids"].flatten()[flat_index - 1] + 1
+        assert label == (-100 if flat_index in doc_starts or column == 0 else token)
+
+
+def test_document_boundary_target_is_ignored_by_the_model_loss():
+    """The model shifts labels by one: its loss must skip exactly the targets that are a new document's first token
+    (predicted from the previous document's eos)."""
+    torch.manual_seed(0)
+    model = ApexForCausalLM(tiny_config()).eval()
+    input_ids, starts = pack_rows(documents([6, 9, 4, 7, 10]), seq_len=12)
+    batch = make_batch(input_ids, starts)
+    with torch.no_grad():
+        out = model(**batch)
+    logits, targets = out.logits[:, :-1], batch["input_ids"][:, 1:]
+    keep = ~starts[:, 1:]
+    assert (~keep).any()
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", ["gqa", "mla"])
+def test_packed_row_attends_only_within_documents(variant, attn_implementation):
+    """Every Apex feature on (refinement memory, MoE, sliding windows): a document's logits in a packed row equal its
+    logits alone."""
+    torch.manual_seed(0)
+    config = tiny_config(variant)
+    config._attn_implementation = attn_implementation
+    model = ApexForCausalLM(config).eval()
+    lengths = [7, 12, 5, 9, 6, 9]  # 48 tokens: two rows of 24, each holding whole documents
+    docs = documents(lengths, seed=1)
+    input_ids, starts = pack_rows(docs, seq_len=24)
+    batch = make_batch(input_ids, starts)
+    with torch.no_grad():
+        # use_cache=False, as in training: transformers reads packing from position_ids only without a cache
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        flat = packed.reshape(-1, packed.shape[-1])
+        offset = 0
+        for doc in docs:
+            alone = model(input_ids=torch.tensor([doc])).logits[0]
+            torch.testing.assert_close(flat[offset : offset + len(doc)], alone, atol=1e-5, rtol=0)
+            offset += len(doc)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the batch iterator
+
+
+def _token_dataset(streaming: bool):
+    # 16 documents, 253 tokens: 15 rows of 16, so 3 batches of 4 per epoch (3 rows left over)
+    dataset = Dataset.from_dict({"input_ids": documents([5 + (i * 7) % 23 for i in range(16)])})
+    return dataset.to_iterable_dataset(num_shards=2) if streaming else dataset
+
+
+def _take(batches, n):
+    return [next(batches)["input_ids"] for _ in range(n)]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_batches_are_deterministic_and_resumable(streaming):
+    dataset = _token_dataset(streaming)
+
+    def make(seed=0):
+        return PackedBatches(dataset, seq_len=16, batch_size=4, seed=seed)
+
+    first = _take(make(), 12)  # 4 epochs
+    assert all(torch.equal(a, b) for a, b in zip(first, _take(make(), 12)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, _take(make(seed=1), 12)))
+
+    batches = make()
+    _take(batches, 5)
+    state = batches.state_dict()
+    assert state["epoch"] >= 1  # the state below is mid-way through a later epoch
+    expected = _take(batches, 6)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, _take(resumed, 6)))
+    assert all(torch.equal(a, b) for a, b in zip(first[5:11], expected))
+
+
+def test_processes_get_disjoint_rows_of_an_epoch():
+    dataset = _token_dataset(streaming=False)
+    rows = [
+        {
+            tuple(row.tolist())
+            for batch in _take(PackedBatches(dataset, 16, 2, seed=0, rank=r, world_size=2), 2)
+            for row in batch
+        }
+        for r in (0, 1)
+    ]
+    assert len(rows[0]) == len(rows[1]) == 4 and not rows[0] & rows[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# schedules
+
+
+@pytest.mark.parametrize("scheduler_type", ["cosine", "wsd"])
+def test_learning_rate_schedules(scheduler_type):
+    config = load_pretrain_config(
+        TINY_RECIPE,
+        ["--max_steps", "100", "--warmup_steps", "10", "--min_lr_ratio", "0.1", "--lr_scheduler_type", scheduler_type],
+    )
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, config)
+    rates = []
+    for _ in range(100):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert max(rates) == pytest.approx(1.0) and rates.index(max(rates)) == 10
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.1)
+    if scheduler_type == "wsd":  # stable until the last decay_ratio (10%) of the steps
+        assert rates[10:90] == pytest.approx([1.0] * 80)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.chdir(REPO_ROOT)  # the recipe's data paths are relative to the repository
+    output_dir = pretrain(
+        TINY_RECIPE, ["--output_dir", str(tmp_path / "out"), "--max_steps", "20", "--save_steps", "10"]
+    )
+
+    summary = json.loads((output_dir / "stage_summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.3
+    assert summary["num_input_tokens_seen"] == 20 * 8 * 64
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    assert model.generate(prompt, max_new_tokens=2, do_sample=False).shape[1] == prompt.shape[1] + 2
+
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    train_logs = [entry for entry in history if "loss" in entry]
+    eval_logs = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in eval_logs] == [0, 10, 20]
+    assert {"learning_rate", "grad_norm", "train_tokens_per_second", "apex/verifier_loss"} <= set(train_logs[-1])
+    assert any(key.startswith("apex/expert_load") for key in train_logs[-1])
+    assert (output_dir / "checkpoint-10" / "model.safetensors").is_file()
+    assert "pretraining" in (output_dir / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# recipe errors, raised before any model is built
+
+
+@pytest.mark.parametrize("preset", ["apex-tiny", "apex-small", "apex-1"])
+def test_shipped_recipes_are_valid(preset, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    config = load_pretrain_config(REPO_ROOT / "recipes" / preset / "pretrain.yaml")
+    assert config.model.preset == preset
+
+
+def test_command_line_no_means_no_mixed_precision():
+    assert load_pretrain_config(TINY_RECIPE, ["--mixed_precision", "no"]).mixed_precision == "no"
+
+
+def _write_recipe(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (raw[section] if section else raw)[name] = value
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--max_step", "5"], "did you mean 'max_steps'"),
+        (["--model.prest", "apex-tiny"], "did you mean 'preset'"),
+        (["--seq_len", "1024"], "max_position_embeddings=256"),
+        (["--model.name_or_path", "some/model"], "exactly one of preset"),
+        (["--model.preset", "apex-huge"], "unknown preset"),
+        (["--lr_scheduler_type", "linear"], "lr_scheduler_type"),
+        (["--max_steps", "0"], "max_steps"),
+        (["--model.overrides", "{vocab_size: 100}"], "come from the tokenizer"),
+    ],
+)
+def test_bad_recipe_fails_before_training(overrides, match, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(ValueError, match=match):
+        pretrain(TINY_RECIPE, overrides)
+
+
+def test_missing_data_file_and_misplaced_sample_by(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    missing = _write_recipe(tmp_path, **{"data.datasets": [{"path": "text", "data_files": "data/nope.txt"}]})
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        pretrain(missing)
+    json_with_sample_by = [{"path": "json", "data_files": "data/demo/sft_train.jsonl", "sample_by": "paragraph"}]
+    with pytest.raises(ValueError, match="sample_by"):
+        pretrain(_write_recipe(tmp_path, **{"data.datasets": json_with_sample_by}))
