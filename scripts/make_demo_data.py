@@ -10,7 +10,8 @@ Every math answer is a short worked line and the result in a box: "What is 23 + 
 - grpo_{train,test}.jsonl: a prompt and the integer answer as a string, for the accuracy reward.
 - lora_{train,test}.jsonl: products of a one-digit and a one- or two-digit number, a skill no earlier file shows.
 
-Addition and subtraction use operands 0-99 (differences are never negative); word problems use operands from 2 so
+Addition and subtraction use operands 0-20, small enough for a few-million-parameter model to learn in minutes
+(differences are never negative); word problems use operands from 2 so
 that every noun is plural. An unordered operand pair {a, b} belongs to the test split when
 (2 * min(a, b) + max(a, b)) % 10 == 3 (see `is_held_out`); the train files and the corpus never use such a pair.
 
@@ -26,7 +27,8 @@ from pathlib import Path
 
 
 CORPUS_BYTES = 120_000
-COUNT_TO = 199  # counting runs cover every sum of two operands up to 99
+MAX_OPERAND = 20
+COUNT_TO = 199  # counting runs (steps up to 10, 14 numbers long) cover every sum of two operands
 SFT_ROWS = {"train": 600, "test": 60}
 DPO_ROWS = {"train": 300, "test": 40}
 GRPO_ROWS = {"train": 300, "test": 64}
@@ -129,7 +131,7 @@ def sample_pair(rng: random.Random, op: str, held_out: bool, low: int = 0) -> tu
         if op == "*":
             a, b = rng.randint(2, 9), rng.randint(2, 19)
         else:
-            a, b = rng.randint(low, 99), rng.randint(low, 99)
+            a, b = rng.randint(low, MAX_OPERAND), rng.randint(low, MAX_OPERAND)
             if op == "-" and a < b:
                 a, b = b, a
         if is_held_out(a, b) == held_out:
@@ -271,7 +273,7 @@ def fact_family_doc(rng: random.Random) -> str:
     while True:
         a, b = sample_pair(rng, "+", False, low=1)
         c = a + b
-        if c <= 99 and not is_held_out(c, a) and not is_held_out(c, b):
+        if c <= MAX_OPERAND and not is_held_out(c, a) and not is_held_out(c, b):
             break
     return (
         f"The numbers {a}, {b} and {c} make a fact family.\n"

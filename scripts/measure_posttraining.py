@@ -72,7 +72,7 @@ def measure_lora(out: Path, preset: str, seq_len: int, steps: int) -> dict:
             "no",
             "--report_to",
             "none",
-            "--warmup_ratio",
+            "--warmup_steps",
             "0.0",
         ],
     )

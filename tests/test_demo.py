@@ -1,5 +1,5 @@
-"""The CPU demo end to end, at test size: tokenizer -> apex-tiny -> a few dozen AdamW steps -> save_pretrained ->
-reload in a fresh `python -I` process where apex_hf is blocked -> greedy generation with K=1 and the default K."""
+"""The demo end to end on the tiny pipeline (recipes/apex-tiny): every stage runs, the report measures each stage
+before → after, the plot is written, and the final folder answers in a fresh process where apex_hf is blocked."""
 
 from __future__ import annotations
 
@@ -8,71 +8,41 @@ import json
 
 import pytest
 
-from apex_hf.demo import add_demo_arguments, run_demo
+from apex_hf.demo import REPO_ROOT, add_demo_arguments, format_report, run_demo
 
 
 @pytest.fixture(scope="module")
-def demo_result(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("demo") / "model"
+def demo(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("demo")
     parser = add_demo_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(
-        [
-            "--preset",
-            "apex-tiny",
-            "--max-chars",
-            "40000",
-            "--vocab-size",
-            "320",
-            "--steps",
-            "40",
-            "--batch-size",
-            "8",
-            "--seq-len",
-            "32",
-            "--lr",
-            "5e-3",
-            "--log-every",
-            "20",
-            "--max-new-tokens",
-            "8",
-            "--output-dir",
-            str(output_dir),
-        ]
-    )
-    return run_demo(args)
+    pipeline = REPO_ROOT / "recipes" / "apex-tiny" / "pipeline.yaml"
+    args = parser.parse_args(["--pipeline", str(pipeline), "--output-dir", str(output_dir), "--threads", "2"])
+    return output_dir, run_demo(args)
 
 
-def test_demo_saves_a_hub_ready_folder(demo_result):
-    from pathlib import Path
-
-    folder = Path(demo_result["output_dir"])
-    for name in ("config.json", "configuration_apex.py", "modeling_apex.py", "model.safetensors", "tokenizer.json"):
-        assert (folder / name).is_file(), f"{name} missing from {sorted(p.name for p in folder.iterdir())}"
-    config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "apex"
-    assert config["auto_map"]["AutoConfig"] == "configuration_apex.ApexConfig"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_apex.ApexForCausalLM"
-    assert config["vocab_size"] == demo_result["vocab_size"]
-
-
-def test_demo_loss_goes_down(demo_result):
-    losses = demo_result["train_losses"]
-    assert len(losses) == 40
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first - 0.5, f"training loss {first:.3f} -> {last:.3f}"
-    assert demo_result["final_val_loss"] < demo_result["initial_val_loss"] - 0.3, demo_result
-    # test-time compute: a held-out loss for every K the cache allows (apex-tiny: K = 1, 2)
-    assert sorted(demo_result["val_loss_by_k"]) == [1, 2]
+def test_the_report_has_every_stage_measured_before_and_after(demo):
+    output_dir, report = demo
+    rows = {row["stage"]: row for row in report["stages"]}
+    assert list(rows) == ["pretrain", "sft", "dpo", "grpo", "lora"]
+    assert rows["pretrain"]["after"] < rows["pretrain"]["before"]  # held-out loss of a pre-training run falls
+    for row in rows.values():
+        assert row["before"] is not None and row["after"] is not None, row
+        assert row["seconds"] > 0
+    assert rows["grpo"]["metric"] == "held-out mean reward"
+    assert rows["lora"]["accuracy_task"] == "multiplication" and len(rows["lora"]["accuracy"]) == 2
+    assert rows["sft"]["accuracy"][0] == rows["pretrain"]["accuracy"][1]  # each stage starts where the last ended
+    assert json.loads((output_dir / "report.json").read_text())["stages"] == report["stages"]
+    table = format_report(report["stages"])
+    assert table.count("\n") == 6 and "held-out mean reward" in table
 
 
-def test_demo_fresh_process_reload_generates(demo_result):
-    reload = demo_result["reload"]
-    assert reload is not None
-    # loaded from the code save_pretrained copied next to the weights, not from the apex_hf package
-    assert reload["model_class"].startswith("transformers_modules.")
-    assert reload["model_class"].endswith("modeling_apex.ApexForCausalLM")
-    assert sorted(reload["generations"]) == ["1", "2"]
-    for gen in reload["generations"].values():
-        assert len(gen["token_ids"]) > 0
-        assert isinstance(gen["text"], str)
-    assert reload["matches_in_process"], (reload, demo_result["local_generations"])
+def test_the_curves_are_saved_as_png(demo):
+    output_dir, _ = demo
+    assert (output_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_final_model_answers_in_a_process_without_apex_hf(demo):
+    _, report = demo
+    assert report["reload"]["model_class"].startswith("transformers_modules.")
+    assert report["reload"]["model_class"].endswith("modeling_apex.ApexForCausalLM")
+    assert isinstance(report["reload"]["answer"], str)

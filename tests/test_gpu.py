@@ -94,3 +94,16 @@ def test_bf16_training_steps_stay_finite():
         optimizer.zero_grad()
         first = first if first is not None else loss.item()
     assert loss.item() < first
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mixed_precision_training_under_autocast(variant):
+    """fp32 weights under bf16 autocast, as Trainer/Accelerate run `bf16=True` (the verifier's BCE must opt out)."""
+    model = build(variant, torch.float32, attn="sdpa", experts="grouped_mm").train()
+    tokens = ids(batch=2, length=32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.model.aux_losses["verifier_loss"].dtype == torch.float32
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -185,7 +185,51 @@ def test_bad_recipes_fail_before_anything_is_loaded(tmp_path, stage, overrides, 
     assert not (tmp_path / "out").exists()
 
 
+def test_command_line_overrides_are_typed_like_yaml_but_no_stays_a_string():
+    from apex_hf.recipe import apply_overrides
+
+    raw = apply_overrides(
+        {"model": {"dtype": "float32"}},
+        [
+            "--save_strategy",
+            "no",
+            "--learning_rate=1e-4",
+            "--push_to_hub",
+            "--model.dtype",
+            "bfloat16",
+            "--bf16",
+            "false",
+        ],
+    )
+    assert raw == {
+        "model": {"dtype": "bfloat16"},
+        "save_strategy": "no",
+        "learning_rate": "1e-4",  # YAML 1.1; the numeric field converts it (below)
+        "push_to_hub": True,
+        "bf16": False,
+    }
+    stage = load_recipe(RECIPES / "sft.yaml", "sft", ["--learning_rate", "1e-4", "--warmup_steps", "0.1"])
+    assert stage.args.learning_rate == 1e-4 and stage.args.warmup_steps == 0.1
+
+
 def test_missing_model_folder_is_named(tmp_path):
     stage_recipe = recipe("sft", tmp_path / "no_such_model", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         build_trainer(stage_recipe)
+
+
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """The GPU recipes ask for bf16, which TrainingArguments refuses on a machine without a GPU."""
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+
+
+@pytest.mark.parametrize("pipeline", sorted(RECIPES.parent.glob("*/pipeline.yaml")), ids=lambda p: p.parent.name)
+def test_every_shipped_pipeline_and_its_stage_files_parse(pipeline, tmp_path, bf16_gpu):
+    plan = plan_pipeline(pipeline, ["--output_dir", str(tmp_path)])
+    assert [p.output_dir for p in plan] == [tmp_path / p.name for p in plan]
+
+
+def test_the_single_gpu_lora_recipe_parses(bf16_gpu):
+    lora = load_recipe(RECIPES.parent / "apex-7b-lora" / "lora.yaml", "sft")
+    assert lora.peft and lora.args.bf16 and lora.args.gradient_checkpointing and lora.args.max_length == 4096

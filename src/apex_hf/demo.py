@@ -76,9 +76,8 @@ def measure(plan) -> list[dict]:
         row = {"stage": planned.name, "seconds": summary["wall_seconds"], "accuracy": None}
         if planned.stage == "pretrain":
             row["metric"], (row["before"], row["after"]) = "held-out loss", _first_and_last(history, "eval_loss")
-        elif planned.stage == "dpo":
-            row["metric"] = "held-out preference accuracy"
-            row["before"], row["after"] = _first_and_last(history, "eval_rewards/accuracies")
+        elif planned.stage == "dpo":  # (its reward accuracy is 0 by construction before training: policy == ref)
+            row["metric"], (row["before"], row["after"]) = "held-out DPO loss", _first_and_last(history, "eval_loss")
         elif planned.stage == "grpo":
             row["metric"], (row["before"], row["after"]) = (
                 "held-out mean reward",

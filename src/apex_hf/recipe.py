@@ -109,10 +109,29 @@ def build_dataclass(cls, values: dict[str, Any], where: str):
             close = difflib.get_close_matches(name, known, n=1)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{where}: unknown field(s) for {cls.__name__}: {', '.join(hints)}")
+    numeric = {f.name for f in dataclasses.fields(cls) if _is_numeric(f.type)}
+    values = {k: _number(v) if k in numeric and isinstance(v, str) else v for k, v in values.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from error
+
+
+def _is_numeric(annotation) -> bool:
+    """A field typed float or int (or optionally so), and not also str."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    text = str(text)
+    return ("float" in text or "int" in text) and "str" not in text
+
+
+def _number(text: str):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a numeric field gets the number it means."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -133,7 +152,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         target = raw
         for part in section:
             target = target.setdefault(part, {})
-        target[name] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        # YAML 1.1 reads yes/no/on/off as booleans; on a command line `--save_strategy no` means the string
+        target[name] = value if isinstance(parsed, bool) and value.lower() not in ("true", "false") else parsed
     return raw
 
 
