@@ -147,8 +147,9 @@ def map_reference_state_dict(ref_state: dict[str, torch.Tensor], apex_config: Ap
 
     `model.layers.{u}.*` (u = the reference layer, which is Apex's *unrolled* index) goes to
     `model.layers.{physical_layer_index(u)}.*`; with K = 1 that is the identity, and two reference layers landing on
-    one shared core layer (K > 1) is an error. Apex's router has a persistent `e_score_correction_bias` (aux-loss-free
-    balancing) that the reference lacks; it is set to zeros, which leaves selection untouched.
+    one shared core layer (K > 1) is an error. Apex's router has persistent buffers the reference lacks
+    (aux-loss-free balancing: `e_score_correction_bias` and the running `expert_load`); they are set to zeros, which
+    leaves selection untouched.
     """
     mapped: dict[str, torch.Tensor] = {}
     source_of: dict[str, str] = {}
@@ -176,7 +177,8 @@ def map_reference_state_dict(ref_state: dict[str, torch.Tensor], apex_config: Ap
 
     for key, value in list(mapped.items()):
         if key.endswith(".mlp.gate.weight"):
-            mapped[key.removesuffix("weight") + "e_score_correction_bias"] = torch.zeros(value.shape[0])
+            for buffer in ("e_score_correction_bias", "expert_load"):
+                mapped[key.removesuffix("weight") + buffer] = torch.zeros(value.shape[0])
     return mapped
 
 

@@ -89,11 +89,11 @@ def measure(plan) -> list[dict]:
         if planned.stage != "pretrain" and planned.recipe.peft is not None:  # a new skill, not arithmetic
             previous = plan[plan.index(planned) - 1].output_dir
             row["accuracy_task"] = "multiplication"
-            row["accuracy"] = (_accuracy(previous, NEW_SKILL_TEST), _accuracy(folder, NEW_SKILL_TEST))
+            row["accuracy"] = [_accuracy(previous, NEW_SKILL_TEST), _accuracy(folder, NEW_SKILL_TEST)]
         else:
             after = _accuracy(folder, MATH_TEST)
             row["accuracy_task"] = "arithmetic"
-            row["accuracy"] = (math_accuracy, after)
+            row["accuracy"] = [math_accuracy, after]
             math_accuracy = after
         rows.append(row)
     return rows

@@ -9,8 +9,8 @@ only come from the wrong document.
 
 A document longer than what is left of a row continues at the start of the next row as a new segment with positions
 from 0 again, rather than keeping its in-document offsets: RoPE only sees position differences, so the offsets would
-change nothing in attention, while positions past `seq_len` would trigger `dynamic` RoPE rescaling and would not
-match what the model sees at inference for a prompt of that length.
+change nothing in attention, while a long document's offsets would run past `max_position_embeddings`, where
+`dynamic` RoPE starts rescaling.
 
 Order. A map-style dataset is packed once; each epoch visits its rows in the order of
 `torch.randperm(generator=seed + epoch)`, dealt round-robin to the processes. A streaming dataset is split between
