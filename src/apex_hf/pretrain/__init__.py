@@ -1,4 +1,4 @@
-"""Pre-training on HF Accelerate: `apex-hf pretrain --config FILE [--key value ...]` calls `pretrain(path, overrides)`.
+"""Pre-training on HF Accelerate: `apex-hf pretrain --config FILE [--key value ...]`, or `pretrain(path, overrides)`.
 
 - `config`: the recipe (`PretrainConfig`), checked before any model is built;
 - `data`: documents -> packed rows (no cross-document attention) -> deterministic, resumable batches;
