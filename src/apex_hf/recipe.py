@@ -233,6 +233,11 @@ def check_data_files(data: DataArguments, where: str) -> None:
                 raise FileNotFoundError(f"{where}: data file {root / pattern} not found (cwd: {Path.cwd()})")
 
 
+def is_hub_repo_id(path: str) -> bool:
+    """`org/name` that is not a local path: a model or dataset repo on the Hub."""
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).exists()
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet", ".txt")
 

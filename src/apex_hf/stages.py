@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from .metrics import ApexTrainingStats
-from .recipe import Recipe, load_datasets
+from .recipe import Recipe, is_hub_repo_id, load_datasets
 from .tokenizer import prepare_chat_tokenizer
 
 
@@ -71,8 +71,7 @@ def load_tokenizer(recipe: Recipe):
 
 def check_model_path(name_or_path: str) -> None:
     """A local folder that is not there would otherwise surface as a confusing Hub lookup error."""
-    is_repo_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not Path(name_or_path).exists() and not is_repo_id:
+    if not Path(name_or_path).exists() and not is_hub_repo_id(name_or_path):
         raise FileNotFoundError(f"model.name_or_path {name_or_path!r} is neither a folder nor a Hub repo id")
 
 
@@ -185,7 +184,7 @@ def save_stage(trainer, recipe: Recipe) -> Path:
 
 def hub_dataset_ids(recipe: Recipe) -> list[str]:
     """The mixture's datasets that are Hub repos (local files and builder names such as `json` are not)."""
-    return [d.path for d in recipe.data.datasets if d.data_files is None and d.path.count("/") == 1]
+    return [d.path for d in recipe.data.datasets if d.data_files is None and is_hub_repo_id(d.path)]
 
 
 def write_model_card(trainer, recipe: Recipe, output_dir: Path) -> None:

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, get
 from ..counting import count
 from ..metrics import ApexTrainingStats
 from ..modeling.modeling_apex import ApexSparseMoeBlock
+from ..recipe import is_hub_repo_id
 from ..tokenizer import EOS_TOKEN, prepare_chat_tokenizer, train_bpe_tokenizer
 from .config import PretrainConfig, load_pretrain_config
 from .data import PackedBatches, load_documents, make_batch, pack_rows, token_lists, tokenize_documents
@@ -227,7 +228,9 @@ def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dic
 def write_model_card(config: PretrainConfig, summary: dict[str, Any], directory: Path) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
-    hub_datasets = sorted({d.path for d in [*config.data.datasets, *config.data.eval_datasets] if _is_hub_id(d.path)})
+    hub_datasets = sorted(
+        {d.path for d in [*config.data.datasets, *config.data.eval_datasets] if is_hub_repo_id(d.path)}
+    )
     data = ModelCardData(library_name="transformers", tags=["apex", "pretraining"], datasets=hub_datasets or None)
     origin = f"the `{config.model.preset}` preset" if config.model.preset else f"`{config.model.name_or_path}`"
     lines = [
@@ -254,10 +257,6 @@ def write_model_card(config: PretrainConfig, summary: dict[str, Any], directory:
         "```",
     ]
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").save(directory / "README.md")
-
-
-def _is_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).exists()
 
 
 def _write_json(path: Path, value: Any) -> None:
