@@ -923,6 +923,20 @@ class ApexModel(ApexPreTrainedModel):
 # Multi-token prediction (DeepSeek-V3) and the causal-LM head
 
 
+def multi_token_prediction_targets(labels: torch.Tensor, position_ids: torch.Tensor, depth: int) -> torch.Tensor:
+    """Targets `[batch, seq - depth]` of MTP depth `depth`: position i predicts `labels[i + depth + 1]`, or nothing
+    (-100) where that token lies past the end or in another document of a packed row.
+
+    Packed rows restart `position_ids` at each document, so the target is in position i's document exactly when the
+    positions count up to it without a restart: `position_ids[i + depth + 1] - position_ids[i] == depth + 1`. The main
+    loss needs no such check: its one target across a boundary is a document's first token, labelled -100; at depth d
+    the last d + 1 positions of a document predict across it. -100 labels in between are no criterion: SFT puts them
+    on prompt tokens, inside the document. Contiguous positions (unpacked rows) keep every target."""
+    same_document = position_ids[:, depth + 1 :] - position_ids[:, : -depth - 1] == depth + 1
+    targets = labels[:, depth + 1 :].masked_fill(~same_document, -100)
+    return F.pad(targets, (0, 1), value=-100)
+
+
 class ApexMultiTokenPredictor(nn.Module):
     """One MTP depth: combines the previous depth's state at position i with the embedding of token i + depth, runs
     one decoder layer, and predicts token i + depth + 1 through the shared LM head."""
@@ -1035,7 +1049,8 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         )
 
     def _multi_token_prediction_loss(self, hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs):
-        """Depth d predicts token i + d + 1 from position i, on the positions where that token exists."""
+        """Depth d predicts token i + d + 1 from position i, on the positions where that token exists in the same
+        document (see `multi_token_prediction_targets`)."""
         seq_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
@@ -1061,7 +1076,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
                 mask,
                 self.model.rotary_emb(hidden_states, positions),
             )
-            targets = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
+            targets = multi_token_prediction_targets(labels, position_ids, depth)
             logits = self.lm_head(predictor.final_norm(hidden_states))
             losses.append(
                 self.loss_function(

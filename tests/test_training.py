@@ -1,10 +1,13 @@
-"""Training: the loss falls, every trainable parameter gets gradient, auxiliary losses train under TRL."""
+"""Training: the loss falls, every trainable parameter gets gradient, auxiliary losses train under TRL, multi-token
+prediction stays inside packed documents."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
+from apex_hf.modeling import modeling_apex
 
 
 def build(variant, **overrides):
@@ -63,6 +66,97 @@ def test_loss_kwargs_num_items_in_batch_and_shift_labels():
     # Sequence parallelism passes labels already shifted.
     shift = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
     assert torch.allclose(model(ids, labels=ids, shift_labels=shift).loss, mean_loss, atol=1e-6)
+
+
+def test_multi_token_prediction_targets_stay_inside_their_document():
+    """A packed row of two documents (as pre-training's `make_batch` builds it: positions restart, the second
+    document's first label is -100) next to an unpacked row. The first document's second token is a masked prompt
+    token (SFT): that -100 is inside the document and must not cut it."""
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4], list(range(9))])
+    labels = torch.tensor([[-100, -100, 12, 13, -100, 15, 16, 17, 18], list(range(10, 19))])
+    depth_1 = modeling_apex.multi_token_prediction_targets(labels, position_ids, depth=1)
+    depth_2 = modeling_apex.multi_token_prediction_targets(labels, position_ids, depth=2)
+    # Position i predicts token i + depth + 1: 3 -> 5 (depth 1) and 2 -> 5, 3 -> 6 (depth 2) cross the boundary.
+    assert depth_1.tolist() == [[12, 13, -100, -100, 16, 17, 18, -100], [12, 13, 14, 15, 16, 17, 18, -100]]
+    assert depth_2.tolist() == [[13, -100, -100, -100, 17, 18, -100], [13, 14, 15, 16, 17, 18, -100]]
+
+
+def test_multi_token_prediction_targets_of_left_padded_rows():
+    """Left padding with generation-style positions (cumsum of the mask, padding at 1): every target predicted from
+    a real token stays; only predictions made from padding positions are dropped."""
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    labels = torch.arange(10, 17).expand(2, -1).masked_fill(attention_mask == 0, -100)
+    for depth in (1, 2):
+        targets = modeling_apex.multi_token_prediction_targets(labels, position_ids, depth)
+        unmasked = F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
+        real = attention_mask[:, : targets.shape[1]].bool()
+        assert torch.equal(targets[real], unmasked[real])
+
+
+def _mtp_loss_per_depth(model, ids, **kwargs) -> torch.Tensor:
+    """`mtp_loss` is the mean over depths; running the first d depths for each d gives each depth's own loss (a depth
+    reads only the depths before it)."""
+    predictors, means = model.mtp, []
+    try:
+        for depth in range(1, len(predictors) + 1):
+            model.mtp = predictors[:depth]
+            means.append(model(ids, use_cache=False, **kwargs).mtp_loss)
+    finally:
+        model.mtp = predictors
+    sums = torch.stack(means) * torch.arange(1, len(means) + 1)  # sum of the first d depths' losses
+    return sums.diff(prepend=sums.new_zeros(1))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_multi_token_prediction_loss_of_packed_documents(variant):
+    """Per depth, the MTP loss of two packed documents is the token-weighted mean of each document's loss alone:
+    no target crosses the boundary, and the predictors' attention (sliding and full) stays inside each document."""
+    model = build(variant, num_mtp_layers=2).eval()
+    generator = torch.Generator().manual_seed(0)
+    packed = torch.randint(3, 97, (1, 16), generator=generator)
+    first, second = packed[:, :7], packed[:, 7:]
+    labels = packed.clone()
+    labels[0, 7] = -100  # the second document's first token, as `make_batch` marks it
+    position_ids = torch.cat((torch.arange(7), torch.arange(9))).unsqueeze(0)
+    with torch.no_grad():
+        packed_losses = _mtp_loss_per_depth(model, packed, labels=labels, position_ids=position_ids)
+        first_losses = _mtp_loss_per_depth(model, first, labels=first)
+        second_losses = _mtp_loss_per_depth(model, second, labels=second)
+    for depth in (1, 2):
+        first_count, second_count = 7 - depth - 1, 9 - depth - 1  # targets inside each document
+        expected = (first_count * first_losses[depth - 1] + second_count * second_losses[depth - 1]) / (
+            first_count + second_count
+        )
+        assert torch.allclose(packed_losses[depth - 1], expected, atol=1e-5), depth
+
+
+def test_multi_token_prediction_loss_without_packing_is_unchanged(monkeypatch):
+    """Contiguous positions (none given, or given explicitly; padding in the attention mask) give the loss of the
+    plain shifted targets, i.e. what the MTP loss was before packed documents were told apart."""
+    model = build("gqa", num_mtp_layers=2).eval()
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 7:] = 0
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    inputs = [
+        dict(labels=ids),
+        dict(labels=ids, position_ids=torch.arange(10).expand(2, -1)),
+        dict(labels=labels, attention_mask=attention_mask),
+    ]
+    plain_calls = []
+
+    def plain_targets(labels, position_ids, depth):
+        plain_calls.append(depth)
+        return F.pad(labels[:, depth + 1 :], (0, 1), value=-100)
+
+    with torch.no_grad():
+        fixed = [model(ids, **kwargs).mtp_loss for kwargs in inputs]
+        monkeypatch.setattr(modeling_apex, "multi_token_prediction_targets", plain_targets)
+        plain = [model(ids, **kwargs).mtp_loss for kwargs in inputs]
+    assert plain_calls == [1, 2] * len(inputs)
+    for value, reference in zip(fixed, plain):
+        assert torch.equal(value, reference)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
