@@ -98,7 +98,7 @@ def test_packed_row_attends_only_within_documents(variant, attn_implementation):
 
 
 def _token_dataset(streaming: bool):
-    # 16 documents, 253 tokens: 15 rows of 16, so 3 batches of 4 per epoch (3 rows left over)
+    # 16 documents, 253 tokens: 15 rows of 16
     dataset = Dataset.from_dict({"input_ids": documents([5 + (i * 7) % 23 for i in range(16)])})
     return dataset.to_iterable_dataset(num_shards=2) if streaming else dataset
 
@@ -112,7 +112,7 @@ def test_batches_are_deterministic_and_resumable(streaming):
     dataset = _token_dataset(streaming)
 
     def make(seed=0):
-        return PackedBatches(dataset, seq_len=16, batch_size=4, seed=seed)
+        return PackedBatches({"docs": dataset}, seq_len=16, batch_size=4, seed=seed)
 
     first = _take(make(), 12)  # 4 epochs
     assert all(torch.equal(a, b) for a, b in zip(first, _take(make(), 12)))
@@ -121,7 +121,7 @@ def test_batches_are_deterministic_and_resumable(streaming):
     batches = make()
     _take(batches, 5)
     state = batches.state_dict()
-    assert state["epoch"] >= 1  # the state below is mid-way through a later epoch
+    assert state["rows_drawn"]["docs"] == 20  # mid-way through the second pass over the 15 rows
     expected = _take(batches, 6)
     resumed = make()
     resumed.load_state_dict(state)
@@ -134,7 +134,7 @@ def test_processes_get_disjoint_rows_of_an_epoch():
     rows = [
         {
             tuple(row.tolist())
-            for batch in _take(PackedBatches(dataset, 16, 2, seed=0, rank=r, world_size=2), 2)
+            for batch in _take(PackedBatches({"docs": dataset}, 16, 2, seed=0, rank=r, world_size=2), 2)
             for row in batch
         }
         for r in (0, 1)
@@ -174,7 +174,11 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO_ROOT)  # the recipe's data paths are relative to the repository
     output_dir = pretrain(
-        TINY_RECIPE, ["--output_dir", str(tmp_path / "out"), "--max_steps", "20", "--save_steps", "10"]
+        TINY_RECIPE,
+        [
+            *["--output_dir", str(tmp_path / "out"), "--max_steps", "20", "--save_steps", "10"],
+            *["--report_to", "tensorboard", "--peak_tflops", "0.1"],  # a made-up peak: CPUs get no MFU otherwise
+        ],
     )
 
     summary = json.loads((output_dir / "stage_summary.json").read_text())
@@ -197,6 +201,50 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
     assert any(key.startswith("apex/expert_load") for key in train_logs[-1])
     assert (output_dir / "checkpoint-10" / "model.safetensors").is_file()
     assert "pretraining" in (output_dir / "README.md").read_text()
+
+    # MFU = tokens/s * FLOPs per token / peak, in %
+    flops = summary["train_flops_per_token"]
+    assert train_logs[-1]["mfu"] == pytest.approx(100 * train_logs[-1]["train_tokens_per_second"] * flops / 0.1e12)
+    assert {"apex/router_entropy/layer_1", "apex/memory_rms"} <= set(train_logs[-1])
+    # the TensorBoard tracker wrote every logged scalar
+    events = _tensorboard_scalars(output_dir / output_dir.name)
+    assert {"loss", "eval_loss", "mfu", "apex/verifier_loss"} <= set(events)
+    assert [step for step, _ in events["eval_loss"]] == [0, 10, 20]
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of TensorBoard event files (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_curriculum_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    data = {
+        "datasets": _two_sources(),
+        "curriculum": [
+            {"step": 0, "weights": {"tiny_corpus": 1.0, "arithmetic_corpus": 0.0}},
+            {"step": 4, "weights": {"tiny_corpus": 0.0, "arithmetic_corpus": 1.0}},
+        ],
+        "test_split_size": 0.1,
+    }
+    recipe = _write_recipe(tmp_path, data=data)
+    output_dir = pretrain(recipe, ["--output_dir", str(tmp_path / "out"), "--max_steps", "6", "--logging_steps", "2"])
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    weights = [(e["step"], e["data/weight/arithmetic_corpus"]) for e in history if "loss" in e]
+    assert weights == [(2, 0.25), (4, 0.75), (6, 1.0)]  # at steps 1, 3, 5 (0-based), linear from 0 to 1 over 4 steps
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,3 +299,118 @@ def test_missing_data_file_and_misplaced_sample_by(tmp_path, monkeypatch):
     json_with_sample_by = [{"path": "json", "data_files": "data/demo/sft_train.jsonl", "sample_by": "paragraph"}]
     with pytest.raises(ValueError, match="sample_by"):
         pretrain(_write_recipe(tmp_path, **{"data.datasets": json_with_sample_by}))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the weighted mixture and its curriculum
+
+
+def _mixture_config(tmp_path: Path, data: dict):
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    raw["data"] = data
+    raw["output_dir"] = str(tmp_path / "out")
+    from apex_hf.pretrain.config import parse_pretrain_config
+
+    return parse_pretrain_config(raw)
+
+
+def _two_sources(**extra):
+    return [
+        {"path": "text", "data_files": "data/tiny_corpus.txt", "sample_by": "paragraph", **extra.get("prose", {})},
+        {
+            "path": "text",
+            "data_files": "data/demo/arithmetic_corpus.txt",
+            "sample_by": "paragraph",
+            **extra.get("math", {}),
+        },
+    ]
+
+
+def test_mixture_honours_weights_and_curriculum(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    curriculum = [
+        {"step": 10, "weights": {"tiny_corpus": 0.9, "arithmetic_corpus": 0.1}},
+        {"step": 30, "weights": {"tiny_corpus": 0.2, "arithmetic_corpus": 0.8}},
+    ]
+    data = _mixture_config(tmp_path, {"datasets": _two_sources(), "curriculum": curriculum}).data
+    assert data.sources == ["tiny_corpus", "arithmetic_corpus"]
+    assert data.mixture_weights(0) == pytest.approx([0.9, 0.1])  # before the first point: its weights
+    assert data.mixture_weights(20) == pytest.approx([0.55, 0.45])  # half way: linear
+    assert data.mixture_weights(99) == pytest.approx([0.2, 0.8])
+
+    sources = {
+        name: Dataset.from_dict({"input_ids": documents([16] * (40 + 80 * i), seed=i)})
+        for i, name in enumerate(data.sources)
+    }
+    batches = PackedBatches(sources, seq_len=16, batch_size=50, seed=0, mixture=data.mixture_weights, accumulation=2)
+    per_source = {}
+    for _ in range(2 * 40):  # 40 steps of 2 batches x 50 rows
+        before = list(batches.rows_drawn)
+        batch = next(batches)
+        assert batch["input_ids"].shape == (50, 16)
+        step = (batches.batches - 1) // 2
+        per_source.setdefault(step, [0, 0])
+        for i in range(2):
+            per_source[step][i] += batches.rows_drawn[i] - before[i]
+    early = [sum(per_source[s][i] for s in range(10)) for i in range(2)]
+    late = [sum(per_source[s][i] for s in range(30, 40)) for i in range(2)]
+    # 1,000 draws each: the binomial standard deviation of a share is <= 1.6%, so 5% is > 3 sigma
+    assert early[0] / 1000 == pytest.approx(0.9, abs=0.05) and late[0] / 1000 == pytest.approx(0.2, abs=0.05)
+    assert sum(batches.rows_drawn) == 80 * 50
+    assert batches.rows_drawn[0] > 40  # the small source ran out and started another epoch
+
+
+def test_static_weights_and_rows_shared_between_processes(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    datasets = _two_sources(prose={"weight": 3}, math={"weight": 1, "source": "math"})
+    data = _mixture_config(tmp_path, {"datasets": datasets}).data
+    assert data.sources == ["tiny_corpus", "math"] and data.mixture_weights(7) == pytest.approx([0.75, 0.25])
+    sources = {
+        name: Dataset.from_dict({"input_ids": documents([16] * 30, seed=i)}) for i, name in enumerate(data.sources)
+    }
+
+    def rows(rank, world):
+        batches = PackedBatches(
+            sources, 16, 8 // world, seed=3, rank=rank, world_size=world, mixture=data.mixture_weights
+        )
+        return [tuple(row.tolist()) for _ in range(5) for row in next(batches)["input_ids"]]
+
+    one = rows(0, 1)
+    two = [rows(0, 2), rows(1, 2)]
+    # global row p goes to process p % 2: two processes read exactly the rows one process reads
+    assert sorted(one) == sorted(two[0] + two[1])
+    assert [one[i] for i in range(0, 40, 2)] == two[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"datasets": _two_sources(prose={"weight": 1})}, "have no `weight`"),
+        ({"datasets": _two_sources(prose={"weight": 0}, math={"weight": 0})}, "sum to a positive number"),
+        ({"datasets": _two_sources(prose={"weight": -1}, math={"weight": 1})}, "weight=-1 is invalid"),
+        (
+            {"datasets": _two_sources(), "curriculum": [{"step": 0, "weights": {"tiny_corpus": 1, "arithmetic": 1}}]},
+            "unknown source.*did you mean 'arithmetic_corpus'",
+        ),
+        (
+            {"datasets": _two_sources(), "curriculum": [{"step": 0, "weights": {"tiny_corpus": 1}}]},
+            "no weight for source",
+        ),
+        (
+            {
+                "datasets": _two_sources(),
+                "curriculum": [
+                    {"step": 5, "weights": {"tiny_corpus": 1, "arithmetic_corpus": 1}},
+                    {"step": 5, "weights": {"tiny_corpus": 1, "arithmetic_corpus": 0}},
+                ],
+            },
+            "increasing",
+        ),
+        ({"datasets": _two_sources(math={"source": "tiny_corpus"})}, "repeat"),
+        ({"datasets": _two_sources(prose={"weight": 1, "fraction": 0.5}, math={"weight": 1})}, "fraction"),
+    ],
+)
+def test_bad_mixture_fails_before_training(tmp_path, monkeypatch, data, match):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(ValueError, match=match):
+        _mixture_config(tmp_path, data)

@@ -134,4 +134,30 @@ def count(config: ApexConfig, seq_len: int | None = None, dtype_bytes: int = 2) 
     )
 
 
-__all__ = ["ApexCount", "build_on_meta", "count", "kv_cache_bytes"]
+# Dense bf16 tensor-core peaks (FLOP/s) by device name, the denominator of MFU, as torchtitan tabulates them. Checked
+# in order: the first name found in `torch.cuda.get_device_name()` wins ("H100 NVL" before "H100").
+PEAK_BF16_FLOPS = (
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("MI325X", 1300e12),
+    ("MI300X", 1300e12),
+)
+
+
+def peak_flops_per_device(device: torch.device | str) -> float | None:
+    """The bf16 dense peak of a known GPU, or None (CPUs and unknown GPUs get no MFU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+__all__ = ["ApexCount", "build_on_meta", "count", "kv_cache_bytes", "peak_flops_per_device"]

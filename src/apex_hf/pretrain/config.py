@@ -20,6 +20,8 @@ max_steps: 300         # ...and the other top-level fields of PretrainConfig
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 from trl.scripts.utils import DatasetConfig
 
 from ..recipe import DataArguments, apply_overrides, build_dataclass, check_data_files, read_yaml
+from .checkpoint import has_checkpoints
 
 
 SCHEDULERS = ("cosine", "wsd")
@@ -85,23 +88,52 @@ class TokenizerSection:
 
 @dataclass
 class PretrainDatasetConfig(DatasetConfig):
-    """TRL's `DatasetConfig` (the arguments of `datasets.load_dataset`) plus the text builder's `sample_by`:
-    `paragraph` reads a `.txt` file as one document per blank-line-separated paragraph (the default, `line`, would
-    make every line a document)."""
+    """TRL's `DatasetConfig` (the arguments of `datasets.load_dataset`) plus:
+
+    - `sample_by`, for the text builder: `paragraph` reads a `.txt` file as one document per blank-line-separated
+      paragraph (the default, `line`, would make every line a document);
+    - `source`, the name the mixture weights, the curriculum and the logs use (default: the file's or dataset's name);
+    - `weight`, this source's share of the training rows (see `PretrainDataArguments`)."""
 
     sample_by: str | None = None
+    source: str | None = None
+    weight: float | None = None
 
     def __post_init__(self):
         if self.sample_by is not None:
             _require(self.path == "text", "sample_by", self.sample_by, "set only for path: text")
             _require(self.sample_by in SAMPLE_BY, "sample_by", self.sample_by, f"one of {SAMPLE_BY}")
+        if self.weight is not None:
+            _require(math.isfinite(self.weight) and self.weight >= 0, "weight", self.weight, "a number >= 0")
+        if self.source is None:
+            files = self.data_files
+            first = files[0] if isinstance(files, list) and files else files
+            named = first if isinstance(first, str) else "/".join(filter(None, [self.path, self.name]))
+            self.source = Path(named).name.split(".")[0] or self.path
+
+
+@dataclass
+class CurriculumPoint:
+    """The mixture weights at one optimizer step: `{source name: weight}`, every source named."""
+
+    step: int
+    weights: dict[str, float]
 
 
 @dataclass
 class PretrainDataArguments(DataArguments):
-    """`apex_hf.recipe.DataArguments` whose datasets may set `sample_by`, plus the column holding the text."""
+    """`apex_hf.recipe.DataArguments` whose datasets may set `sample_by`, `source` and `weight`, plus the column
+    holding the text and a curriculum.
+
+    Without weights the sources are concatenated and read in proportion to their sizes. With a `weight` on every
+    dataset, or a `curriculum`, each source is packed on its own and every training row is drawn from a source with
+    probability proportional to its weight (a source that runs out starts another epoch). A curriculum lists the
+    weights at some optimizer steps, `[{step: 0, weights: {web: 0.9, math: 0.1}}, {step: 1000, weights: ...}]`;
+    between two points they move linearly, before the first and after the last they stay put.
+    """
 
     text_column: str = "text"
+    curriculum: list[CurriculumPoint] = field(default_factory=list)
 
     def __post_init__(self):
         # Converted here, before the parent turns the remaining dicts into plain DatasetConfig (no sample_by).
@@ -120,6 +152,82 @@ class PretrainDataArguments(DataArguments):
         super().__post_init__()
         if self.streaming and self.test_split_size is not None:
             raise ValueError("data.test_split_size needs a map-style dataset; with streaming, set data.eval_datasets")
+        self._check_mixture()
+
+    @property
+    def sources(self) -> list[str]:
+        return [dataset.source for dataset in self.datasets]
+
+    @property
+    def is_weighted(self) -> bool:
+        return bool(self.curriculum) or any(dataset.weight is not None for dataset in self.datasets)
+
+    def _check_mixture(self) -> None:
+        sources = self.sources
+        repeated = sorted({name for name in sources if sources.count(name) > 1})
+        if repeated:
+            raise ValueError(f"data.datasets: source names {repeated} repeat; give each dataset its own `source`")
+        if not self.is_weighted:
+            return
+        if any(dataset.fraction is not None for dataset in self.datasets):
+            raise ValueError(
+                "data.datasets: `fraction` subsamples a concatenation; with weights or a curriculum, "
+                "the weights set the shares"
+            )
+        weights = [dataset.weight for dataset in self.datasets]
+        if self.curriculum:
+            if any(weight is not None for weight in weights):
+                raise ValueError("data: set a `weight` on the datasets or a `curriculum`, not both")
+            self.curriculum = [
+                build_dataclass(CurriculumPoint, point, f"data.curriculum[{index}]")
+                if isinstance(point, dict)
+                else point
+                for index, point in enumerate(self.curriculum)
+            ]
+            steps = [point.step for point in self.curriculum]
+            if steps[0] < 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+                raise ValueError(f"data.curriculum: steps must be >= 0 and increasing, got {steps}")
+            for index, point in enumerate(self.curriculum):
+                where = f"data.curriculum[{index}] (step {point.step})"
+                unknown = sorted(set(point.weights) - set(sources))
+                if unknown:
+                    hints = [difflib.get_close_matches(name, sources, n=1) for name in unknown]
+                    hint = "".join(f"; did you mean {h[0]!r} for {u!r}" for u, h in zip(unknown, hints) if h)
+                    raise ValueError(f"{where}: unknown source(s) {unknown} (sources: {sources}){hint}")
+                missing = [name for name in sources if name not in point.weights]
+                if missing:
+                    raise ValueError(f"{where}: no weight for source(s) {missing}; give every source a weight")
+                _check_weights(where, [point.weights[name] for name in sources])
+        else:
+            if None in weights:
+                unweighted = [name for name, weight in zip(sources, weights) if weight is None]
+                raise ValueError(f"data.datasets: sources {unweighted} have no `weight`; weight all or none")
+            _check_weights("data.datasets", weights)
+
+    def mixture_weights(self, step: int) -> list[float] | None:
+        """The sources' probabilities at optimizer step `step` (0-based), or None for a plain concatenation."""
+        if not self.is_weighted:
+            return None
+        if not self.curriculum:
+            weights = [dataset.weight for dataset in self.datasets]
+        else:
+            points = self.curriculum
+            after = next((i for i, point in enumerate(points) if point.step > step), len(points))
+            if after in (0, len(points)):
+                weights = [points[min(after, len(points) - 1)].weights[name] for name in self.sources]
+            else:
+                left, right = points[after - 1], points[after]
+                t = (step - left.step) / (right.step - left.step)
+                weights = [(1 - t) * left.weights[n] + t * right.weights[n] for n in self.sources]
+        total = sum(weights)
+        return [weight / total for weight in weights]
+
+
+def _check_weights(where: str, weights: list[float]) -> None:
+    if any(not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in weights):
+        raise ValueError(f"{where}: weights must be finite numbers >= 0, got {weights}")
+    if sum(weights) <= 0:
+        raise ValueError(f"{where}: weights must sum to a positive number, got {weights}")
 
 
 @dataclass
@@ -151,9 +259,12 @@ class PretrainConfig:
     logging_steps: int = 10
     eval_steps: int = 0  # held-out loss every eval_steps; 0: only before and after training
     max_eval_batches: int | None = None  # per process; None: the whole held-out set
-    save_steps: int = 0  # a checkpoint-<step> folder every save_steps; 0: only the final model
+    save_steps: int = 0  # a resumable checkpoint-<step> every save_steps (and on SIGTERM); 0: only on SIGTERM
+    save_total_limit: int | None = None  # keep only the newest checkpoints; None: keep all
+    resume_from_checkpoint: str | None = None  # "latest" (the newest complete checkpoint-<step>) or a folder
     num_workers: int = 0  # processes that tokenize a map-style dataset (datasets.map num_proc); 0: this one
     report_to: list[str] | str = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard, wandb]
+    peak_tflops: float | None = None  # per device, for MFU; default: the bf16 dense peak of a known GPU
 
     def __post_init__(self):
         if self.mixed_precision is False:  # YAML 1.1 (PyYAML) reads a bare `no` as false
@@ -172,6 +283,14 @@ class PretrainConfig:
         _require(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2 (a row predicts its tokens from earlier ones)")
         for name in ("eval_steps", "save_steps", "num_workers", "weight_decay", "warmup_steps"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _require(
+            self.save_total_limit is None or self.save_total_limit > 0,
+            "save_total_limit",
+            self.save_total_limit,
+            "> 0 or null",
+        )
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops, "> 0 or null")
+        self._check_trackers()
         _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         for name in ("adam_beta1", "adam_beta2"):
@@ -208,9 +327,27 @@ class PretrainConfig:
             "set with data.streaming (a streamed held-out set is read up to it)",
         )
         self._check_tokenizer()
+        if self.resume_from_checkpoint is None and has_checkpoints(Path(self.output_dir)):
+            raise ValueError(
+                f"output_dir={self.output_dir!r} holds checkpoints of an earlier run: continue it with --resume "
+                f"(resume_from_checkpoint: latest), or choose another output_dir"
+            )
         limit = self.model_config().max_trained_length
         if limit is not None and self.seq_len > limit:
             raise ValueError(f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={limit}")
+
+    def _check_trackers(self) -> None:
+        """Accelerate drops a tracker whose package is missing without a word; a recipe that asks for one gets an
+        error instead, before training, rather than a run with no logs."""
+        if not self.report_to:
+            return
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+        available = {str(tracker) for tracker in get_available_trackers()}
+        for name in self.report_to:
+            _require(name in LOGGER_TYPE_TO_CLASS, "report_to", name, f"one of {sorted(LOGGER_TYPE_TO_CLASS)}")
+            if name not in available:
+                raise ValueError(f"report_to: {name!r} is not installed (pip install {name}, or remove it)")
 
     def _check_tokenizer(self) -> None:
         tokenizer = self.tokenizer

@@ -12,16 +12,18 @@ from 0 again, rather than keeping its in-document offsets: RoPE only sees positi
 change nothing in attention, while a long document's offsets would run past `max_position_embeddings`, where
 `dynamic` RoPE starts rescaling.
 
-Order. A map-style dataset is packed once; each epoch visits its rows in the order of
-`torch.randperm(generator=seed + epoch)`, dealt round-robin to the processes. A streaming dataset is split between
-processes (`split_dataset_by_node`), shuffled with a document buffer seeded by `seed + epoch`, and packed on the fly.
-Either way the iterator's whole state is `(epoch, rows this process has consumed in the epoch)`.
+Order and mixture. A map-style source is packed once and read as an endless sequence of epochs, each a seeded
+permutation of its rows; a streaming source is split between processes (`split_dataset_by_node`), shuffled with a
+document buffer seeded by `seed + epoch`, and packed on the fly. Each global batch draws the source of every row from
+the mixture's weights at that step (a curriculum moves them), and deals the rows round-robin to the processes
+(`PackedBatches`). The iterator's whole state is the number of batches read and the rows drawn from each source (plus,
+streaming, each source's position in its epoch), saved with every checkpoint.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -31,49 +33,66 @@ TOKENIZE_BATCH = 1000  # documents per tokenizer call
 
 
 def load_documents(data, seed: int):
-    """The training and held-out documents (`datasets.Dataset` or, with `data.streaming`, `IterableDataset`; the
-    held-out set is `None` when the recipe names none). Like TRL's `get_dataset`, but `sample_by` reaches the text
-    builder and `test_split_size` splits with `seed`, so every process and every run holds out the same documents."""
-    train = _load_mixture(data.datasets, data.streaming)
-    held_out = None
-    if data.eval_datasets:
-        held_out = _load_mixture(data.eval_datasets, data.streaming)
-    elif data.test_split_size is not None:
-        splits = train.train_test_split(test_size=data.test_split_size, seed=seed)
-        train, held_out = splits["train"], splits["test"]
-    for dataset in (train, held_out):
-        columns = dataset.column_names if dataset is not None else None
-        if columns is not None and data.text_column not in columns:
-            raise ValueError(f"data.text_column={data.text_column!r} is not a column of the data (columns: {columns})")
-    return train, held_out
-
-
-def _load_mixture(configs, streaming: bool):
+    """`(sources, held_out)`: the training documents as `{source name: dataset}` (`datasets.Dataset`, or
+    `IterableDataset` with `data.streaming`), one entry per dataset when the mixture is weighted, else one
+    concatenation; and the held-out documents (None when the recipe names none). Like TRL's `get_dataset`, but
+    `sample_by` reaches the text builder and `test_split_size` splits with `seed` (each source alike), so every
+    process and every run holds out the same documents."""
     import datasets
 
-    loaded = []
-    for config in configs:
-        extra = {"sample_by": config.sample_by} if getattr(config, "sample_by", None) else {}
-        dataset = datasets.load_dataset(
-            config.path,
-            config.name,
-            data_dir=config.data_dir,
-            data_files=config.data_files,
-            split=config.split,
-            streaming=streaming,
-            **extra,
-        )
-        if config.columns is not None:
-            dataset = dataset.select_columns(config.columns)
-        loaded.append(dataset)
+    loaded = [_load_dataset(config, data.streaming) for config in data.datasets]
+    if data.is_weighted:
+        sources = dict(zip(data.sources, loaded))
+    else:
+        sources = {"+".join(data.sources): _concatenate(_take_fractions(loaded, data.datasets, data.streaming))}
+    held_out = None
+    if data.eval_datasets:
+        held_out = _concatenate([_load_dataset(config, data.streaming) for config in data.eval_datasets])
+    elif data.test_split_size is not None:
+        splits = {
+            name: dataset.train_test_split(test_size=data.test_split_size, seed=seed)
+            for name, dataset in sources.items()
+        }
+        sources = {name: split["train"] for name, split in splits.items()}
+        held_out = datasets.concatenate_datasets([split["test"] for split in splits.values()])
+    for name, dataset in [*sources.items(), ("held-out", held_out)]:
+        columns = dataset.column_names if dataset is not None else None
+        if columns is not None and data.text_column not in columns:
+            raise ValueError(f"data.text_column={data.text_column!r} is not a column of {name!r} (columns: {columns})")
+    return sources, held_out
+
+
+def _load_dataset(config, streaming: bool):
+    import datasets
+
+    extra = {"sample_by": config.sample_by} if getattr(config, "sample_by", None) else {}
+    dataset = datasets.load_dataset(
+        config.path,
+        config.name,
+        data_dir=config.data_dir,
+        data_files=config.data_files,
+        split=config.split,
+        streaming=streaming,
+        **extra,
+    )
+    return dataset.select_columns(config.columns) if config.columns is not None else dataset
+
+
+def _take_fractions(loaded: list, configs, streaming: bool) -> list:
+    """TRL's `fraction`: target shares of the concatenation, capped so that no dataset is repeated."""
     fractions = [config.fraction for config in configs]
-    if any(fraction is not None for fraction in fractions):
-        # TRL's meaning: target shares of the mixture, capped so that no dataset is repeated.
-        if None in fractions or streaming:
-            raise ValueError("data: fraction must be set on every dataset or none, and not with streaming")
-        weights = [fraction / sum(fractions) for fraction in fractions]
-        total = min(len(dataset) / weight for dataset, weight in zip(loaded, weights) if weight > 0)
-        loaded = [dataset.select(range(round(weight * total))) for dataset, weight in zip(loaded, weights)]
+    if all(fraction is None for fraction in fractions):
+        return loaded
+    if None in fractions or streaming:
+        raise ValueError("data: fraction must be set on every dataset or none, and not with streaming")
+    weights = [fraction / sum(fractions) for fraction in fractions]
+    total = min(len(dataset) / weight for dataset, weight in zip(loaded, weights) if weight > 0)
+    return [dataset.select(range(round(weight * total))) for dataset, weight in zip(loaded, weights)]
+
+
+def _concatenate(loaded: list):
+    import datasets
+
     return datasets.concatenate_datasets(loaded) if len(loaded) > 1 else loaded[0]
 
 
@@ -140,63 +159,142 @@ def make_batch(input_ids: torch.Tensor, document_starts: torch.Tensor) -> dict[s
     }
 
 
-class PackedBatches:
-    """Endless batches of `batch_size` packed rows for one process (see the module docstring for the order).
-    `state_dict()` / `load_state_dict()` make it resumable: after a restore it yields the same batches again.
-    An epoch's last rows that do not fill a batch are skipped."""
+class PackedRows:
+    """A map-style source's packed rows, read as one endless sequence: row `k` is row `k % n` of epoch `k // n`'s
+    permutation (`torch.randperm` seeded by the run's seed, the source's index and the epoch)."""
 
-    def __init__(self, documents, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        import datasets
+    def __init__(self, documents, seq_len: int, seed: int, name: str):
+        self.input_ids, self.document_starts = pack_rows(token_lists(documents), seq_len)
+        if len(self.input_ids) == 0:
+            raise ValueError(f"source {name!r} packs into no row of {seq_len} tokens; add data or lower seq_len")
+        self.seed = seed
+        self._epoch, self._order = -1, None
 
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.streaming = isinstance(documents, datasets.IterableDataset)
-        if self.streaming:
-            from datasets.distributed import split_dataset_by_node
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
-            documents = split_dataset_by_node(documents, rank=rank, world_size=world_size)
-            self.documents = documents.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER_DOCUMENTS)
-        else:
-            self.input_ids, self.document_starts = pack_rows(token_lists(documents), seq_len)
-            if len(self.input_ids) < batch_size * world_size:
-                raise ValueError(
-                    f"the training data packs into {len(self.input_ids)} rows of {seq_len} tokens, fewer than one "
-                    f"step's {batch_size * world_size} rows; add data or lower seq_len / the batch size"
-                )
+    def row(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(k, len(self))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self), generator=generator)
+        i = int(self._order[index])
+        return self.input_ids[i], self.document_starts[i]
+
+
+class StreamedRows:
+    """A streaming source's rows for one process: its shard of the documents (`split_dataset_by_node`), shuffled
+    through a buffer seeded by `seed + epoch`, packed on the fly; started again when it runs out. The state is
+    `(epoch, rows read in the epoch)`; restoring it re-reads the epoch up to that row."""
+
+    def __init__(self, documents, seq_len: int, seed: int, name: str, rank: int, world_size: int):
+        from datasets.distributed import split_dataset_by_node
+
+        documents = split_dataset_by_node(documents, rank=rank, world_size=world_size)
+        self.documents = documents.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER_DOCUMENTS)
+        self.seq_len, self.name = seq_len, name
         self.epoch, self.index = 0, 0
         self._rows: Iterator | None = None
 
-    def _epoch_rows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.streaming:
+    def next_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
             self.documents.set_epoch(self.epoch)  # the shuffle buffer's seed becomes seed + epoch
-            rows = pack_documents(token_lists(self.documents), self.seq_len)
-            return itertools.islice(rows, self.index, None)
-        order = torch.randperm(len(self.input_ids), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        usable = len(order) - len(order) % self.world_size  # the same number of rows for every process
-        mine = order[self.rank : usable : self.world_size][self.index :]
-        return ((self.input_ids[i], self.document_starts[i]) for i in mine.tolist())
+            self._rows = itertools.islice(pack_documents(token_lists(self.documents), self.seq_len), self.index, None)
+        row = next(self._rows, None)
+        if row is None:
+            if self.index == 0:
+                raise ValueError(f"source {self.name!r} packs into no row of {self.seq_len} tokens on this process")
+            self.epoch, self.index, self._rows = self.epoch + 1, 0, None
+            return self.next_row()
+        self.index += 1
+        return row
+
+    def state_dict(self) -> list[int]:
+        return [self.epoch, self.index]
+
+    def load_state_dict(self, state: list[int]) -> None:
+        (self.epoch, self.index), self._rows = state, None
+
+
+class PackedBatches:
+    """Endless batches of `batch_size` packed rows for process `rank` of `world_size`, from one or more sources.
+
+    The processes together read global batches of `batch_size * world_size` rows; global row `p` of a batch goes to
+    process `p % world_size`. Each global row's source is drawn from `mixture(step)` (the sources' probabilities
+    at the optimizer step the batch belongs to, `accumulation` batches per step) by a generator seeded by the run's
+    seed and the batch index; with one source and no mixture, every row comes from it. A map-style source's rows are
+    numbered globally (see `PackedRows`), so a run reads the same global batches on any number of processes.
+
+    `state_dict()` / `load_state_dict()` make it resumable: after a restore it yields the same batches again."""
+
+    def __init__(
+        self,
+        sources: dict,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        mixture: Callable[[int], list[float]] | None = None,
+        accumulation: int = 1,
+    ):
+        """`sources`: name -> tokenized documents (a `datasets.Dataset`, or an `IterableDataset` when streaming)."""
+        import datasets
+
+        if mixture is None and len(sources) != 1:
+            raise ValueError(f"{len(sources)} sources need a mixture to draw from")
+        self.names = list(sources)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.mixture, self.accumulation = mixture, accumulation
+        self.streaming = isinstance(next(iter(sources.values())), datasets.IterableDataset)
+        self.sources = [
+            StreamedRows(documents, seq_len, seed + 1000 * i, name, rank, world_size)
+            if self.streaming
+            else PackedRows(documents, seq_len, seed + 1000 * i, name)
+            for i, (name, documents) in enumerate(sources.items())
+        ]
+        if not self.streaming and mixture is None and len(self.sources[0]) < batch_size * world_size:
+            raise ValueError(
+                f"the training data packs into {len(self.sources[0])} rows of {seq_len} tokens, fewer than one "
+                f"step's {batch_size * world_size} rows; add data or lower seq_len / the batch size"
+            )
+        self.batches = 0  # global batches read so far
+        self.rows_drawn = [0] * len(self.sources)  # global rows drawn from each source
+
+    def batch_sources(self, batch: int) -> list[int]:
+        """The source of each global row of global batch `batch`."""
+        rows = self.batch_size * self.world_size
+        if self.mixture is None:
+            return [0] * rows
+        weights = torch.tensor(self.mixture(batch // self.accumulation), dtype=torch.float64)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch)
+        return torch.multinomial(weights, rows, replacement=True, generator=generator).tolist()
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
         rows = []
-        while len(rows) < self.batch_size:
-            if self._rows is None:
-                self._rows = self._epoch_rows()
-            row = next(self._rows, None)
-            if row is None:
-                if self.index == 0:  # a whole epoch did not fill one batch: next epochs would not either
-                    raise ValueError(f"process {self.rank} got fewer than {self.batch_size} training rows per epoch")
-                self.epoch, self.index, self._rows, rows = self.epoch + 1, 0, None, []
-                continue
-            rows.append(row)
-        self.index += self.batch_size
+        for position, source_index in enumerate(self.batch_sources(self.batches)):
+            source = self.sources[source_index]
+            if position % self.world_size == self.rank:
+                rows.append(source.next_row() if self.streaming else source.row(self.rows_drawn[source_index]))
+            self.rows_drawn[source_index] += 1
+        self.batches += 1
         input_ids, starts = zip(*rows)
         return make_batch(torch.stack(input_ids), torch.stack(starts))
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+    def state_dict(self) -> dict:
+        state = {"batches": self.batches, "rows_drawn": dict(zip(self.names, self.rows_drawn))}
+        if self.streaming:
+            state["streams"] = {name: source.state_dict() for name, source in zip(self.names, self.sources)}
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index, self._rows = state["epoch"], state["index"], None
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["rows_drawn"]) != self.names:
+            raise ValueError(f"the data state is for sources {list(state['rows_drawn'])}, this run has {self.names}")
+        self.batches = state["batches"]
+        self.rows_drawn = list(state["rows_drawn"].values())
+        for name, source in zip(self.names, self.sources):
+            if self.streaming:
+                source.load_state_dict(state["streams"][name])

@@ -14,8 +14,8 @@ transformers' Trainer, so tools that read Trainer logs read it), `stage_summary.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,19 @@ from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, get_wsd_schedule
 
-from ..counting import count
+from ..counting import count, peak_flops_per_device
 from ..metrics import ApexTrainingStats
 from ..modeling.modeling_apex import ApexSparseMoeBlock
 from ..recipe import is_hub_repo_id
 from ..tokenizer import EOS_TOKEN, prepare_chat_tokenizer, train_bpe_tokenizer
+from .checkpoint import (
+    StopRequest,
+    TrainingStopped,
+    find_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from .config import PretrainConfig, load_pretrain_config
 from .data import PackedBatches, load_documents, make_batch, pack_rows, token_lists, tokenize_documents
 
@@ -49,11 +57,19 @@ def pretrain(config_path: str | Path, overrides: list[str] | None = None) -> Pat
 # tokenizer, model, optimizer
 
 
-def load_tokenizer(config: PretrainConfig, train_documents):
-    if config.tokenizer.train_vocab_size is not None:
-        texts = (text for batch in train_documents.iter(batch_size=1000) for text in batch[config.data.text_column])
-        return train_bpe_tokenizer(texts, vocab_size=config.tokenizer.train_vocab_size)
-    return AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+def load_tokenizer(config: PretrainConfig, sources: dict, accelerator: Accelerator, output_dir: Path):
+    """The recipe's tokenizer, or a byte-level BPE trained on every training source. The main process trains it and
+    saves it to `output_dir`, where the others load it: each process training its own could disagree on ties."""
+    if config.tokenizer.train_vocab_size is None:
+        return AutoTokenizer.from_pretrained(config.tokenizer_name_or_path)
+    if accelerator.is_main_process:
+        column = config.data.text_column
+        texts = (
+            text for dataset in sources.values() for batch in dataset.iter(batch_size=1000) for text in batch[column]
+        )
+        train_bpe_tokenizer(texts, vocab_size=config.tokenizer.train_vocab_size).save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(output_dir)
 
 
 def document_eos_id(tokenizer) -> int:
@@ -179,11 +195,12 @@ def evaluate(model, rows, batch_size: int, accelerator: Accelerator) -> float:
 
 class TrainingLog:
     """`log_history` entries as transformers' Trainer writes them (`{"step", "loss", "learning_rate", ...}`,
-    `{"step", "eval_loss"}`), sent to Accelerate's trackers and printed on the main process."""
+    `{"step", "eval_loss"}`), sent to Accelerate's trackers and printed on the main process; the progress bar shows
+    loss, tokens/s, MFU and (tqdm's own) the time left."""
 
-    def __init__(self, accelerator: Accelerator, progress: tqdm):
+    def __init__(self, accelerator: Accelerator, progress: tqdm, history: list[dict[str, Any]]):
         self.accelerator, self.progress = accelerator, progress
-        self.history: list[dict[str, Any]] = []
+        self.history = history
 
     def add(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
@@ -196,11 +213,16 @@ class TrainingLog:
             parts = [f"loss {entry['loss']:.4f}", f"lr {entry['learning_rate']:.2e}"]
             if "grad_norm" in entry:
                 parts.append(f"grad norm {entry['grad_norm']:.3f}")
-            line = " | ".join([*parts, f"{entry['train_tokens_per_second']:,.0f} tokens/s"])
-            self.progress.set_postfix(loss=f"{entry['loss']:.3f}", tokens_s=f"{entry['train_tokens_per_second']:,.0f}")
+            parts.append(f"{entry['train_tokens_per_second']:,.0f} tokens/s")
+            postfix = {"loss": f"{entry['loss']:.3f}", "tokens_s": f"{entry['train_tokens_per_second']:,.0f}"}
+            if "mfu" in entry:
+                parts.append(f"MFU {entry['mfu']:.1f}%")
+                postfix["mfu"] = f"{entry['mfu']:.1f}%"
+            line = " | ".join(parts)
+            self.progress.set_postfix(postfix)
         self.progress.write(f"[pretrain] step {entry['step']}: {line}")
 
-    def state(self, config: PretrainConfig, step: int) -> dict[str, Any]:
+    def state(self, config: PretrainConfig, step: int, train_runtime: float) -> dict[str, Any]:
         return {
             "global_step": step,
             "max_steps": config.max_steps,
@@ -208,8 +230,29 @@ class TrainingLog:
             "eval_steps": config.eval_steps,
             "save_steps": config.save_steps,
             "train_batch_size": config.per_device_train_batch_size,
+            "train_runtime": train_runtime,
             "log_history": self.history,
         }
+
+
+class ExpertLoadSync:
+    """Sums the routers' `expert_load` over the processes before each training forward, where the aux-loss-free
+    balancing step reads it: every process then takes the same bias step, from the global batch's load, as a single
+    process would. Without it, DDP would broadcast rank 0's buffers (balancing on a 1/N sample), and FSDP would let
+    each process's biases, and so its routing, drift apart."""
+
+    def __init__(self, model: torch.nn.Module, accelerator: Accelerator):
+        self.loads = [m.expert_load for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+        rate = getattr(accelerator.unwrap_model(model).config, "router_bias_update_rate", 0.0)
+        self.active = accelerator.num_processes > 1 and bool(self.loads) and rate > 0
+
+    def __call__(self) -> None:
+        if not self.active:
+            return
+        flat = torch.cat(self.loads)
+        torch.distributed.all_reduce(flat)
+        for load, reduced in zip(self.loads, flat.split([load.numel() for load in self.loads])):
+            load.copy_(reduced)
 
 
 def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dict[str, Any]) -> None:
@@ -221,7 +264,7 @@ def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dic
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
-        _write_json(directory / STATE_FILE, state)
+        write_json(directory / STATE_FILE, state)
     accelerator.wait_for_everyone()
 
 
@@ -259,10 +302,6 @@ def write_model_card(config: PretrainConfig, summary: dict[str, Any], directory:
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").save(directory / "README.md")
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
-
-
 def _hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The config flattened to scalars, the only values every tracker (TensorBoard's hparams) accepts."""
     flat = {}
@@ -279,7 +318,8 @@ def _hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_pretrain(config: PretrainConfig) -> Path:
-    """Train as `config` says and return `output_dir` (see the module docstring for what it holds)."""
+    """Train as `config` says and return `output_dir` (see the module docstring for what it holds). Raises
+    `TrainingStopped` after saving a checkpoint when a SIGTERM arrives."""
     run_start = time.perf_counter()
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
@@ -291,23 +331,45 @@ def run_pretrain(config: PretrainConfig) -> Path:
             TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if config.torch_compile else None
         ),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. torchrun on a machine without GPUs: Accelerate then runs every process alone, and they would all write
+        # the same folders
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE), but Accelerate runs {accelerator.num_processes}; "
+            f"without GPUs, set ACCELERATE_USE_CPU=1 for a multi-process CPU run"
+        )
     if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
         # The environment (an Accelerate/DeepSpeed config) overrides the argument, and the loop counts on the recipe's
         raise ValueError(
             f"the Accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}; "
             f"set it only in the recipe (gradient_accumulation_steps={config.gradient_accumulation_steps})"
         )
+
+    def say(message: str) -> None:
+        accelerator.print(f"[pretrain] {message}")
+
+    stop = StopRequest(accelerator)  # from here on, a SIGTERM ends in a checkpoint rather than lost steps
+    resumable = []
+    if config.resume_from_checkpoint:
+        resumable = find_checkpoints(output_dir, config.resume_from_checkpoint, accelerator.num_processes, say)
+        if not resumable:
+            say(f"no complete checkpoint in {output_dir}: starting at step 0")
     set_seed(config.seed)
 
     with accelerator.main_process_first():  # the main process fills datasets' cache; the others then read it
-        train_documents, held_out_documents = load_documents(config.data, config.seed)
-        tokenizer = load_tokenizer(config, train_documents)
+        sources, held_out_documents = load_documents(config.data, config.seed)
+    if resumable:  # the run's own tokenizer (a trained BPE is not retrained)
+        tokenizer = AutoTokenizer.from_pretrained(resumable[0])
+    else:
+        tokenizer = load_tokenizer(config, sources, accelerator, output_dir)
     model = build_model(config, tokenizer)
     document_eos = document_eos_id(tokenizer)
     with accelerator.main_process_first():
-        train_tokens = tokenize_documents(
-            train_documents, tokenizer, config.data.text_column, document_eos, config.num_workers
-        )
+        train_tokens = {
+            name: tokenize_documents(documents, tokenizer, config.data.text_column, document_eos, config.num_workers)
+            for name, documents in sources.items()
+        }
         train_batches = PackedBatches(
             train_tokens,
             config.seq_len,
@@ -315,6 +377,8 @@ def run_pretrain(config: PretrainConfig) -> Path:
             config.seed,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
+            mixture=config.data.mixture_weights if config.data.is_weighted else None,
+            accumulation=config.gradient_accumulation_steps,
         )
         held_out = None
         if held_out_documents is not None:
@@ -325,6 +389,8 @@ def run_pretrain(config: PretrainConfig) -> Path:
 
     model_config = model.config
     num_parameters = sum(p.numel() for p in model.parameters())
+    counts = count(model_config, seq_len=config.seq_len)
+    peak_flops = config.peak_tflops * 1e12 if config.peak_tflops else peak_flops_per_device(accelerator.device)
     # The config's output_router_logits is an inference default; in training the balance loss applies whenever its
     # coefficient is set.
     use_router_logits = model_config.num_experts > 0 and model_config.router_aux_loss_coef > 0
@@ -342,30 +408,57 @@ def run_pretrain(config: PretrainConfig) -> Path:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     stats = ApexTrainingStats(model)
+    sync_expert_load = ExpertLoadSync(model, accelerator)
 
-    progress = tqdm(total=config.max_steps, desc="pretrain", disable=not accelerator.is_local_main_process)
-    log = TrainingLog(accelerator, progress)
+    start_step, history, train_seconds = 0, [], 0.0
+    if resumable:
+        loaded = load_checkpoint(accelerator, resumable, say)
+        if loaded is None:  # a failed load may have overwritten part of the model: starting over would be wrong
+            raise RuntimeError(f"none of the checkpoints in {output_dir} could be loaded (see the messages above)")
+        folder, trainer_state, data_state = loaded
+        start_step, history = trainer_state["global_step"], trainer_state["log_history"]
+        train_seconds = trainer_state["train_runtime"]
+        train_batches.load_state_dict(data_state)
+        say(f"resumed from {folder} at step {start_step}")
+
+    progress = tqdm(
+        total=config.max_steps, initial=start_step, desc="pretrain", disable=not accelerator.is_local_main_process
+    )
+    log = TrainingLog(accelerator, progress, history)
     if config.report_to:
         accelerator.init_trackers(output_dir.name, config=_hparams(dataclasses.asdict(config)))
     tokens_per_step = (
         config.per_device_train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     ) * config.seq_len
-    eval_losses = []
+
+    def mfu(tokens_per_second: float) -> float:
+        """Model FLOPs utilisation in % (torchtitan's convention, `apex_hf.counting`), against every device's peak."""
+        return 100 * tokens_per_second * counts.train_flops_per_token / (peak_flops * accelerator.num_processes)
 
     def run_eval(step: int) -> None:
         loss = evaluate(model, held_out, config.per_device_train_batch_size, accelerator)
-        eval_losses.append(loss)
         log.add({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
 
-    if held_out is not None:
+    def checkpoint(step: int) -> Path:
+        state = log.state(config, step, train_seconds + pause_start - window_start - paused)
+        started = time.perf_counter()
+        folder = save_checkpoint(
+            accelerator, output_dir, step, train_batches.state_dict(), state, tokenizer, config.save_total_limit
+        )
+        say(f"saved {folder} in {time.perf_counter() - started:.1f}s")
+        return folder
+
+    if held_out is not None and start_step == 0:
         run_eval(0)
     model.train()
     window_loss = torch.zeros((), device=accelerator.device)
-    window_start, window_steps, paused, train_seconds = time.perf_counter(), 0, 0.0, 0.0
-    for step in range(1, config.max_steps + 1):
+    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+    for step in range(start_step + 1, config.max_steps + 1):
         for _ in range(config.gradient_accumulation_steps):
             batch = {name: tensor.to(accelerator.device) for name, tensor in next(train_batches).items()}
+            sync_expert_load()
             with accelerator.accumulate(model):
                 loss = model(**batch, use_cache=False, output_router_logits=use_router_logits).loss
                 accelerator.backward(loss)
@@ -392,7 +485,12 @@ def run_pretrain(config: PretrainConfig) -> Path:
             if grad_norm is not None:
                 entry["grad_norm"] = float(grad_norm)
             entry["train_tokens_per_second"] = window_steps * tokens_per_step / max(seconds, 1e-9)
+            if peak_flops:
+                entry["mfu"] = mfu(entry["train_tokens_per_second"])
             entry["num_input_tokens_seen"] = step * tokens_per_step
+            if config.data.is_weighted:
+                weights = config.data.mixture_weights(step - 1)
+                entry.update({f"data/weight/{name}": w for name, w in zip(config.data.sources, weights)})
             log.add({**entry, **apex})
             window_loss.zero_()
             window_start, window_steps, paused = time.perf_counter(), 0, 0.0
@@ -402,31 +500,45 @@ def run_pretrain(config: PretrainConfig) -> Path:
             step == config.max_steps or (config.eval_steps and step % config.eval_steps == 0)
         ):
             run_eval(step)
+        saved = None
         if config.save_steps and step % config.save_steps == 0 and step < config.max_steps:
-            save(accelerator, model, tokenizer, output_dir / f"checkpoint-{step}", log.state(config, step))
+            saved = checkpoint(step)
+        if stop.agreed():
+            saved = saved or checkpoint(step)
+            progress.close()
+            accelerator.end_training()
+            stop.close()
+            raise TrainingStopped(step, saved)
         paused += time.perf_counter() - pause_start
     progress.close()
+    stop.close()
 
-    save(accelerator, model, tokenizer, output_dir, log.state(config, config.max_steps))
+    save(accelerator, model, tokenizer, output_dir, log.state(config, config.max_steps, train_seconds))
     tokens_seen = config.max_steps * tokens_per_step
+    eval_losses = [entry["eval_loss"] for entry in log.history if "eval_loss" in entry]
     summary = {
         "eval_loss_before": eval_losses[0] if eval_losses else None,
         "eval_loss_after": eval_losses[-1] if eval_losses else None,
         "num_input_tokens_seen": tokens_seen,
         "train_runtime": train_seconds,
         "train_tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
+        "mfu": mfu(tokens_seen / max(train_seconds, 1e-9)) if peak_flops else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "wall_seconds": time.perf_counter() - run_start,
+        "resumed_from_step": start_step or None,
         "num_parameters": num_parameters,
-        "num_active_parameters": count(model_config, seq_len=config.seq_len).active,
+        "num_active_parameters": counts.active,
+        "train_flops_per_token": counts.train_flops_per_token,
         "num_processes": accelerator.num_processes,
         "config": dataclasses.asdict(config),
     }
     if accelerator.is_main_process:
-        _write_json(output_dir / SUMMARY_FILE, summary)
+        write_json(output_dir / SUMMARY_FILE, summary)
         write_model_card(config, summary, output_dir)
-        progress.write(
-            f"[pretrain] done in {summary['wall_seconds']:.0f}s: {tokens_seen:,} tokens at "
-            f"{summary['train_tokens_per_second']:,.0f} tokens/s; saved to {output_dir}"
+        mfu_text = f", MFU {summary['mfu']:.1f}%" if peak_flops else ""
+        say(
+            f"done in {summary['wall_seconds']:.0f}s: {tokens_seen:,} tokens at "
+            f"{summary['train_tokens_per_second']:,.0f} tokens/s{mfu_text}; saved to {output_dir}"
         )
     accelerator.end_training()
     return output_dir

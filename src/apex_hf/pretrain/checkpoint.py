@@ -1,0 +1,201 @@
+"""Fault tolerance: atomic, resumable checkpoints, and a clean stop on SIGTERM.
+
+A `checkpoint-<step>` folder holds what a run needs to go on as if it had never stopped: Accelerate's `save_state`
+(model weights, optimizer, the learning-rate scheduler, every process's RNG states; FSDP and DeepSpeed shards in their
+own formats), each process's data position (`data_state_<rank>.json`), the log history (`trainer_state.json`) and the
+tokenizer. It is written as `.checkpoint-<step>.partial` and renamed once complete, with `checkpoint.json` (the step,
+the number of processes, every file's size) written last, so a folder named `checkpoint-<step>` is never half-written.
+A crash while renaming or a disk that lost data can still leave a damaged folder: `find_checkpoints` checks the
+recorded sizes (a truncated file fails) and `load_checkpoint` falls back to an older checkpoint when loading one
+fails. Contents are not hashed: for a sharded multi-hundred-GB state that would cost minutes at every save.
+
+These checkpoints are for resuming (`resume_from_checkpoint: latest`); the model to use is the final folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+
+MANIFEST = "checkpoint.json"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def _fsync_tree(folder: Path) -> dict[str, int]:
+    """Flush every file under `folder` to disk and return their sizes, so the rename publishes durable data."""
+    sizes = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return sizes
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    data_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    tokenizer,
+    total_limit: int | None = None,
+) -> Path:
+    """Write `output_dir/checkpoint-<step>` atomically; every process calls it (saving sharded state is collective).
+    Then delete the oldest checkpoints beyond `total_limit`."""
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while saving
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    write_json(partial / f"data_state_{accelerator.process_index}.json", data_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(partial)
+        write_json(partial / TRAINER_STATE, trainer_state)
+        files = _fsync_tree(partial)
+        write_json(partial / MANIFEST, {"step": step, "num_processes": accelerator.num_processes, "files": files})
+        _fsync_tree(partial)
+        if final.exists():  # this step was saved before (a run resumed from it and stopped again at once)
+            _delete(final)
+        os.replace(partial, final)
+        if total_limit is not None:
+            for old in _numbered(output_dir)[total_limit:]:
+                _delete(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _delete(folder: Path) -> None:
+    """Rename first: a crash during the slow delete must not leave a damaged folder under a checkpoint's name."""
+    doomed = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def _numbered(output_dir: Path) -> list[Path]:
+    """`checkpoint-<step>` folders, newest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)), reverse=True)
+
+
+def has_checkpoints(output_dir: Path) -> bool:
+    return output_dir.is_dir() and bool(_numbered(output_dir))
+
+
+def check_checkpoint(folder: Path, num_processes: int) -> str | None:
+    """Why `folder` cannot be resumed from, or None if it looks complete."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files, step = manifest["files"], manifest["step"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (not written by apex-hf pretrain, or interrupted while saving)"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"unreadable {MANIFEST} ({error})"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    if manifest["num_processes"] != num_processes:
+        raise ValueError(
+            f"{folder} (step {step}) was written by {manifest['num_processes']} processes; resume it with as many "
+            f"(this run has {num_processes})"
+        )
+    return None
+
+
+def find_checkpoints(output_dir: Path, requested: str, num_processes: int, say) -> list[Path]:
+    """Checkpoints to try, best first: `requested` itself (a folder, which must be complete), or for "latest" every
+    complete `checkpoint-<step>` of `output_dir`, newest first, after saying why each damaged one is skipped."""
+    if requested != "latest":
+        folder = Path(requested)
+        problem = check_checkpoint(folder, num_processes) if folder.is_dir() else "no such folder"
+        if problem:
+            raise ValueError(f"resume_from_checkpoint={requested!r}: cannot resume from it: {problem}")
+        return [folder]
+    usable = []
+    for folder in _numbered(output_dir) if output_dir.is_dir() else []:
+        problem = check_checkpoint(folder, num_processes)
+        if problem:
+            say(f"skipping {folder}: {problem}")
+        else:
+            usable.append(folder)
+    return usable
+
+
+def load_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tuple[Path, dict, dict] | None:
+    """Restore the first candidate every process can load: `(folder, trainer_state, data_state)`, or None when none
+    loads. The processes agree on each attempt, so that all of them continue from the same step."""
+    for folder in candidates:
+        error = None
+        try:
+            accelerator.load_state(str(folder))
+            trainer_state = json.loads((folder / TRAINER_STATE).read_text())
+            data_state = json.loads((folder / f"data_state_{accelerator.process_index}.json").read_text())
+        except Exception as caught:  # a damaged file surfaces as whatever its reader raises
+            error = caught
+        failed = torch.tensor([float(error is not None)], device=accelerator.device)
+        if accelerator.reduce(failed, "sum").item() == 0:
+            return folder, trainer_state, data_state
+        say(f"skipping {folder}: loading it failed ({error or 'on another process'})")
+    return None
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption notice, `kill`, torchrun passing one on) asks the run to stop after the
+    current optimizer step, with a checkpoint. Every process must stop at the same step, because saving is
+    collective, so `agreed()` sums the processes' flags, over a CPU (gloo) group: it does not wait on the GPU."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.requested = False
+        self._group = None
+        if accelerator.num_processes > 1:
+            self._group = dist.new_group(backend="gloo")
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if self._group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, group=self._group)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class TrainingStopped(RuntimeError):
+    """Raised after the checkpoint that a SIGTERM asked for is written."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(
+            f"stopped by SIGTERM after step {step}; saved {checkpoint}. Run again with --resume to continue."
+        )
+        self.step, self.checkpoint = step, checkpoint

@@ -1,0 +1,136 @@
+"""Pre-training fault tolerance: a run killed with SIGKILL and resumed logs the same losses as one that never stopped
+(exactly: CPU arithmetic is deterministic, the stated tolerance is 1e-6), a truncated checkpoint is skipped, SIGTERM
+ends in a checkpoint and exit code 143, and a run never silently overwrites another's checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apex_hf.pretrain import load_pretrain_config, pretrain
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO_ROOT / "recipes" / "apex-tiny" / "pretrain.yaml"
+# 120 steps of about 0.05 s: long enough to stop mid-run, short enough for the suite
+RUN = ["--max_steps", "120", "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "10"]
+LOSS_TOLERANCE = 1e-6
+
+
+def _command(output_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "apex_hf.cli",
+        "pretrain",
+        "--config",
+        str(TINY_RECIPE),
+        *RUN,
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
+
+
+def _start(output_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        _command(output_dir, *extra), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path} appeared: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout}s"
+        time.sleep(0.02)
+
+
+def _losses(output_dir: Path) -> dict[int, float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def _checkpoints(output_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    """The reference run, in a subprocess like the others: the thread count changes float summation order."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "out"
+    run = _start(output_dir)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    return _losses(output_dir)
+
+
+def test_sigkill_resume_matches_an_uninterrupted_run_and_skips_a_truncated_checkpoint(tmp_path, uninterrupted):
+    output_dir = tmp_path / "out"
+    run = _start(output_dir, "--save_total_limit", "2")
+    _wait_for(output_dir / "checkpoint-30", run)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    kept = _checkpoints(output_dir)
+    assert len(kept) == 2 and kept[-1] >= 30  # save_total_limit: the two newest
+    newest, older = kept[-1], kept[0]
+    weights = output_dir / f"checkpoint-{newest}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that lost the end of a file
+    (output_dir / f".checkpoint-{newest + 10}.partial").mkdir()  # a save the kill interrupted
+
+    resumed = subprocess.run(_command(output_dir, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"skipping {output_dir}/checkpoint-{newest}: model.safetensors has" in output
+    assert f"resumed from {output_dir}/checkpoint-{older} at step {older}" in output
+
+    losses = _losses(output_dir)
+    assert sorted(losses) == sorted(uninterrupted)  # the log history runs from step 1, without gaps or repeats
+    for step, loss in uninterrupted.items():
+        assert losses[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
+    summary = json.loads((output_dir / "stage_summary.json").read_text())
+    assert summary["resumed_from_step"] == older
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, uninterrupted):
+    output_dir = tmp_path / "out"
+    run = _start(output_dir)
+    _wait_for(output_dir / "checkpoint-10", run)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped_at = _checkpoints(output_dir)[-1]
+    assert f"stopped by SIGTERM after step {stopped_at}" in stderr
+    assert 10 <= stopped_at < 120 and not (output_dir / "stage_summary.json").exists()
+    manifest = json.loads((output_dir / f"checkpoint-{stopped_at}" / "checkpoint.json").read_text())
+    assert manifest["step"] == stopped_at and "optimizer.bin" in manifest["files"]
+
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):  # no silent restart over them
+        load_pretrain_config(TINY_RECIPE, [*RUN, "--output_dir", str(output_dir)])
+    resumed = _start(output_dir, "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    losses = _losses(output_dir)
+    assert losses[120] == pytest.approx(uninterrupted[120], abs=LOSS_TOLERANCE)
+    assert sorted(losses) == sorted(uninterrupted)
+
+
+def test_resume_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(ValueError, match="cannot resume from it: no such folder"):
+        pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "a"), "--resume_from_checkpoint", str(tmp_path / "x")])
+    foreign = tmp_path / "b" / "checkpoint-5"
+    foreign.mkdir(parents=True)
+    with pytest.raises(ValueError, match="no checkpoint.json"):
+        pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", str(foreign)])
+    (foreign / "checkpoint.json").write_text(json.dumps({"step": 5, "num_processes": 4, "files": {}}))
+    with pytest.raises(ValueError, match="written by 4 processes; resume it with as many"):
+        pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
