@@ -2,7 +2,8 @@
 
 `info` / `presets`: sizes of a preset or a saved config. `pretrain` / `sft` / `dpo` / `grpo --config FILE`: one
 training stage (`--field value` overrides the file). `pipeline FILE`: the stages in order. `merge-lora`: fold an
-adapter into its base model. `demo`: the CPU demo. Training commands run the same under `accelerate launch`
+adapter into its base model. `preprocess INPUT... --output OUT`: clean, filter and deduplicate pre-training text
+(datatrove). `demo`: the CPU demo. Training commands run the same under `accelerate launch`
 (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -73,6 +75,8 @@ def _presets(args: argparse.Namespace) -> int:
 def _prepare_job(args: argparse.Namespace, overrides: list[str]):
     """Read and check everything a training command needs, and return the call that runs it. Errors here are bad
     input (a recipe, a path) and get a one-line message; errors while training keep their traceback."""
+    if args.command in ("pretrain", "sft", "dpo", "grpo") and args.resume:
+        overrides = [*overrides, "--resume_from_checkpoint", "latest"]
     if args.command == "pretrain":
         from .pretrain.config import load_pretrain_config
         from .pretrain.train import run_pretrain
@@ -91,8 +95,6 @@ def _prepare_job(args: argparse.Namespace, overrides: list[str]):
     from .recipe import load_recipe
     from .stages import run_stage
 
-    if args.resume:
-        overrides = [*overrides, "--resume_from_checkpoint", "latest"]
     recipe = load_recipe(args.config, args.command, overrides)
     return lambda: run_stage(recipe)
 
@@ -116,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         command = commands.add_parser(stage, help=description, description=f"{description}; --field value overrides")
         command.add_argument("--config", required=True, help=f"recipe YAML, e.g. recipes/apex-small/{stage}.yaml")
-        if stage != "pretrain":
-            command.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        command.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
 
     pipeline = commands.add_parser("pipeline", help="run a pipeline of stages, each feeding the next")
     pipeline.add_argument("file", help="pipeline YAML, e.g. recipes/apex-small/pipeline.yaml")
@@ -127,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("adapter", help="adapter folder (adapter_config.json + weights)")
     merge.add_argument("output", help="new folder for the merged model")
     merge.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+
+    # ---- preprocess: owned by src/apex_hf/pretrain/preprocess.py, imported only when asked (it needs datatrove) ----
+    preprocess_command = commands.add_parser(
+        "preprocess", help="clean, quality-filter and deduplicate pre-training text into files a recipe reads"
+    )
+    if argv[:1] == ["preprocess"]:
+        from .pretrain.preprocess import add_preprocess_arguments
+
+        add_preprocess_arguments(preprocess_command)
+    # ----------------------------------------------------------------------------------------------------------
 
     # ---- demo: owned by src/apex_hf/demo.py, imported only when asked so the rest works without it ----
     demo = commands.add_parser("demo", help="the whole pipeline on a small Apex, on CPU, in minutes")
@@ -146,6 +157,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
     if args.command == "presets":
         return _presets(args)
+    if args.command == "preprocess":
+        from .pretrain.preprocess import PreprocessError, config_from_args, preprocess
+
+        try:
+            config = config_from_args(args)
+        except (ValueError, FileNotFoundError) as error:  # a bad flag or path
+            parser.exit(2, f"apex-hf preprocess: error: {error}\n")
+        try:
+            preprocess(config)
+        except PreprocessError as error:  # the data: nothing read, or nothing kept
+            parser.exit(2, f"apex-hf preprocess: error: {error}\n")
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 
@@ -155,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         job = _prepare_job(args, overrides)
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
-    job()
+    from .pretrain.checkpoint import TrainingStopped
+
+    try:
+        job()
+    except TrainingStopped as stopped:  # a SIGTERM, answered with a checkpoint: the shell's code for "terminated"
+        print(f"apex-hf {args.command}: {stopped}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 
