@@ -1,0 +1,142 @@
+"""Pre-training measurements on CUDA GPUs; prints a markdown table and writes JSON.
+
+Runs `apex-hf pretrain` with `recipes/bench-moe/pretrain.yaml` (300 steps of 8 x 2048 tokens, bf16) for each preset,
+each in its own process (clean peak-memory counters), on a generated arithmetic corpus of `--corpus-mb` MB plus the
+shipped prose corpus, and reads the numbers from each run's `stage_summary.json`: tokens/s, MFU (torchtitan's
+convention, `apex_hf.counting`), peak memory, held-out loss before and after, and the time a checkpoint takes.
+`--accelerate-config recipes/accelerate/fsdp2.yaml --num-processes 2` runs the same under `accelerate launch`.
+
+    python scripts/measure_pretraining.py --out runs/pretraining
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPE = REPO_ROOT / "recipes" / "bench-moe" / "pretrain.yaml"
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+from make_demo_data import corpus  # noqa: E402  (the demo's arithmetic document generators)
+
+
+def write_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(corpus(random.Random(seed), int(megabytes * 1e6)))
+    return path
+
+
+def command(args: argparse.Namespace) -> list[str]:
+    if args.accelerate_config is None:
+        return [sys.executable, "-m", "apex_hf.cli"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        args.accelerate_config,
+        "--num_processes",
+        str(args.num_processes),
+        "-m",
+        "apex_hf.cli",
+    ]
+
+
+def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
+    output_dir = args.work / f"{preset}-{args.tag}"
+    datasets = (
+        f"[{{path: text, data_files: data/tiny_corpus.txt, sample_by: paragraph, source: prose, weight: 0.1}}, "
+        f"{{path: text, data_files: {corpus_path}, sample_by: paragraph, source: arithmetic, weight: 0.9}}]"
+    )
+    overrides = [
+        "--model.preset",
+        preset,
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(args.steps),
+        "--data.datasets",
+        datasets,
+        *args.overrides,
+    ]
+    started = time.perf_counter()
+    run = subprocess.run(
+        [*command(args), "pretrain", "--config", str(RECIPE), *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    (args.out / f"{preset}-{args.tag}.log").write_text(run.stdout + run.stderr)
+    if run.returncode != 0:
+        return {"preset": preset, "error": (run.stdout + run.stderr)[-3000:]}
+    summary = json.loads((output_dir / "stage_summary.json").read_text())
+    saves = [float(s) for s in re.findall(r"saved \S+ in ([\d.]+)s", run.stdout + run.stderr)]
+    config = json.loads((output_dir / "config.json").read_text())
+    return {
+        "preset": preset,
+        "processes": summary["num_processes"],
+        "parameters": summary["num_parameters"],
+        "active_parameters": summary["num_active_parameters"],
+        "vocab_size": config["vocab_size"],
+        "steps": args.steps,
+        "tokens_per_step": summary["num_input_tokens_seen"] // args.steps,
+        "tokens_per_second": summary["train_tokens_per_second"],
+        "mfu_percent": summary["mfu"],
+        "peak_memory_gib": summary["peak_memory_gib"],
+        "eval_loss_before": summary["eval_loss_before"],
+        "eval_loss_after": summary["eval_loss_after"],
+        "checkpoint_seconds": saves,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)  # no MFU / peak memory without a known GPU
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| preset | GPUs | params (active) | tokens/s | MFU % | peak GiB | held-out loss | checkpoint save |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | failed: see JSON | | | | | | |")
+            continue
+        saves = ", ".join(f"{s:.0f} s" for s in r["checkpoint_seconds"]) or "-"
+        lines.append(
+            f"| {r['preset']} | {r['processes']} | {r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B) "
+            f"| {r['tokens_per_second']:,.0f} | {_number(r['mfu_percent'], '.1f')} | {_number(r['peak_memory_gib'], '.1f')} "
+            f"| {r['eval_loss_before']:.2f} -> {r['eval_loss_after']:.2f} | {saves} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/pretraining"))
+    parser.add_argument("--work", type=Path, default=Path("outputs/measure-pretraining"), help="run folders")
+    parser.add_argument("--presets", nargs="+", default=["bench-moe", "bench-moe-k3"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--corpus-mb", type=float, default=24.0)
+    parser.add_argument("--accelerate-config", default=None)
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--tag", default="1gpu", help="suffix of the run folders and the JSON file")
+    args, args.overrides = parser.parse_known_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus_path = write_corpus(args.work / "arithmetic_corpus.txt", args.corpus_mb)
+    rows = [measure(args, preset, corpus_path) for preset in args.presets]
+    (args.out / f"pretraining-{args.tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
