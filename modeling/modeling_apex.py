@@ -766,6 +766,7 @@ class ApexModel(ApexPreTrainedModel):
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 cache_index=unrolled_index,
+                position_ids=position_ids,  # flash attention reads packed documents from them (it takes no mask)
                 **kwargs,
             )
 
@@ -949,12 +950,15 @@ class ApexMultiTokenPredictor(nn.Module):
         self.layer = ApexDecoderLayer(config, config.num_physical_layers - 1)
         self.final_norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, next_token_embeds, attention_mask, position_embeddings):
+    def forward(self, hidden_states, next_token_embeds, attention_mask, position_embeddings, position_ids):
         hidden_states = self.input_proj(
             torch.cat((self.hidden_norm(hidden_states), self.embedding_norm(next_token_embeds)), dim=-1)
         )
         hidden_states = self.layer(
-            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings
+            hidden_states,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
         )
         return hidden_states
 
@@ -1075,6 +1079,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
                 embeds[:, depth:],
                 mask,
                 self.model.rotary_emb(hidden_states, positions),
+                positions,
             )
             targets = multi_token_prediction_targets(labels, position_ids, depth)
             logits = self.lm_head(predictor.final_norm(hidden_states))

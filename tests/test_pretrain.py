@@ -251,7 +251,7 @@ def test_curriculum_end_to_end(tmp_path, monkeypatch):
 # recipe errors, raised before any model is built
 
 
-@pytest.mark.parametrize("preset", ["apex-tiny", "apex-small", "apex-1"])
+@pytest.mark.parametrize("preset", ["apex-tiny", "apex-small", "apex-1", "bench-moe"])
 def test_shipped_recipes_are_valid(preset, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     config = load_pretrain_config(REPO_ROOT / "recipes" / preset / "pretrain.yaml")
@@ -414,3 +414,31 @@ def test_bad_mixture_fails_before_training(tmp_path, monkeypatch, data, match):
     monkeypatch.chdir(REPO_ROOT)
     with pytest.raises(ValueError, match=match):
         _mixture_config(tmp_path, data)
+
+
+def test_packed_position_ids_reach_the_attention_function():
+    """Flash attention takes no mask: it finds the packed documents in the `position_ids` of its kwargs. Every layer,
+    the multi-token predictor's included, must pass them on."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    seen = []
+
+    def recording_sdpa(module, *args, **kwargs):
+        seen.append(kwargs.get("position_ids"))
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("recording_sdpa", recording_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("recording_sdpa", sdpa_mask)
+    config = tiny_config(num_mtp_layers=1)
+    config._attn_implementation = "recording_sdpa"
+    torch.manual_seed(0)
+    model = ApexForCausalLM(config).train()
+    batch = make_batch(*pack_rows(documents([6, 9, 4, 7, 10]), seq_len=12))
+    mtp_calls = []
+    model.mtp[0].layer.self_attn.register_forward_hook(lambda *_: mtp_calls.append(len(seen)))
+    model(**batch, use_cache=False)
+    assert mtp_calls == [len(seen)] and len(seen) > config.num_physical_layers  # the loop's layers and the MTP's
+    for position_ids in seen:
+        assert torch.equal(position_ids, batch["position_ids"][:, : position_ids.shape[1]])
