@@ -114,7 +114,8 @@ def table(rows: list[dict]) -> str:
         saves = ", ".join(f"{s:.0f} s" for s in r["checkpoint_seconds"]) or "-"
         lines.append(
             f"| {r['preset']} | {r['processes']} | {r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B) "
-            f"| {r['tokens_per_second']:,.0f} | {_number(r['mfu_percent'], '.1f')} | {_number(r['peak_memory_gib'], '.1f')} "
+            f"| {r['tokens_per_second']:,.0f} | {_number(r['mfu_percent'], '.1f')} "
+            f"| {_number(r['peak_memory_gib'], '.1f')} "
             f"| {r['eval_loss_before']:.2f} -> {r['eval_loss_after']:.2f} | {saves} |"
         )
     return "\n".join(lines)
