@@ -442,3 +442,23 @@ def test_packed_position_ids_reach_the_attention_function():
     assert mtp_calls == [len(seen)] and len(seen) > config.num_physical_layers  # the loop's layers and the MTP's
     for position_ids in seen:
         assert torch.equal(position_ids, batch["position_ids"][:, : position_ids.shape[1]])
+
+
+def test_streamed_weighted_sources_resume_where_they_stopped():
+    sources = {
+        name: Dataset.from_dict({"input_ids": documents([5 + (i * 7) % 23 for i in range(16)], seed=k)})
+        .to_iterable_dataset(num_shards=2)
+        for k, name in enumerate(["a", "b"])
+    }
+
+    def make():
+        return PackedBatches(sources, seq_len=16, batch_size=4, seed=0, mixture=lambda step: [0.7, 0.3])
+
+    batches = make()
+    _take(batches, 7)  # past the end of both sources' first epoch
+    state = batches.state_dict()
+    assert state["streams"]["a"][0] >= 1 and sum(state["rows_drawn"].values()) == 28
+    expected = _take(batches, 5)
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, _take(resumed, 5)))
