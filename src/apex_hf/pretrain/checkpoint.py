@@ -164,7 +164,8 @@ def load_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tu
 class StopRequest:
     """SIGTERM (a scheduler's preemption notice, `kill`, torchrun passing one on) asks the run to stop after the
     current optimizer step, with a checkpoint. Every process must stop at the same step, because saving is
-    collective, so `agreed()` sums the processes' flags, over a CPU (gloo) group: it does not wait on the GPU."""
+    collective, so `agreed()` sums the processes' flags, over a CPU (gloo) group: it does not wait on the GPU. A
+    context manager: the previous handler is back on exit."""
 
     def __init__(self, accelerator: Accelerator):
         self.requested = False
@@ -185,7 +186,10 @@ class StopRequest:
         dist.all_reduce(flag, group=self._group)
         return bool(flag.item())
 
-    def close(self) -> None:
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

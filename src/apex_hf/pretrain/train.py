@@ -3,16 +3,19 @@
 The same loop runs on one CPU, one GPU, or many through `accelerate launch --config_file recipes/accelerate/<x>.yaml`
 (DDP, FSDP2, DeepSpeed ZeRO-2/3). Steps: tokenizer (loaded, or a byte-level BPE trained on the training documents)
 -> model (a preset, or a checkpoint) -> chat template on the tokenizer (so every later stage starts from a complete
-folder) -> packed rows (`apex_hf.pretrain.data`) -> AdamW with warmup + cosine or warmup-stable-decay -> held-out loss
-before, every `eval_steps` and after -> `output_dir`.
+folder) -> packed rows from the source mixture (`apex_hf.pretrain.data`) -> AdamW with warmup + cosine or
+warmup-stable-decay -> held-out loss before, every `eval_steps` and after -> `output_dir`. With
+`resume_from_checkpoint`, the run first restores the newest complete checkpoint and goes on from its step.
 
 `output_dir` holds the model and tokenizer (`save_pretrained`), `trainer_state.json` (`log_history` in the shape of
-transformers' Trainer, so tools that read Trainer logs read it), `stage_summary.json` and a model card. A
-`checkpoint-<step>` folder is the same minus summary and card.
+transformers' Trainer, so tools that read Trainer logs read it), `stage_summary.json` and a model card. The
+`checkpoint-<step>` folders written every `save_steps` and on SIGTERM are training states to resume from
+(`apex_hf.pretrain.checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -255,6 +258,32 @@ class ExpertLoadSync:
             load.copy_(reduced)
 
 
+class LogWindow:
+    """The training loss and time since the previous log line. Evaluation and checkpoints run inside `paused()`, so
+    tokens/s and MFU count training time only."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps, self.paused_seconds, self._pause_start = 0, 0.0, None
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._pause_start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - self._pause_start
+            self._pause_start = None
+
+    def training_seconds(self) -> float:
+        return (self._pause_start or time.perf_counter()) - self.start - self.paused_seconds
+
+
 def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dict[str, Any]) -> None:
     """Model, tokenizer and trainer state, written by the main process from the full (gathered) weights."""
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3: every process calls it
@@ -349,7 +378,6 @@ def run_pretrain(config: PretrainConfig) -> Path:
     def say(message: str) -> None:
         accelerator.print(f"[pretrain] {message}")
 
-    stop = StopRequest(accelerator)  # from here on, a SIGTERM ends in a checkpoint rather than lost steps
     resumable = []
     if config.resume_from_checkpoint:
         resumable = find_checkpoints(output_dir, config.resume_from_checkpoint, accelerator.num_processes, say)
@@ -437,12 +465,14 @@ def run_pretrain(config: PretrainConfig) -> Path:
         """Model FLOPs utilisation in % (torchtitan's convention, `apex_hf.counting`), against every device's peak."""
         return 100 * tokens_per_second * counts.train_flops_per_token / (peak_flops * accelerator.num_processes)
 
+    window = LogWindow(accelerator.device)
+
     def run_eval(step: int) -> None:
         loss = evaluate(model, held_out, config.per_device_train_batch_size, accelerator)
         log.add({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
 
     def checkpoint(step: int) -> Path:
-        state = log.state(config, step, train_seconds + pause_start - window_start - paused)
+        state = log.state(config, step, train_seconds + window.training_seconds())
         started = time.perf_counter()
         folder = save_checkpoint(
             accelerator, output_dir, step, train_batches.state_dict(), state, tokenizer, config.save_total_limit
@@ -450,68 +480,68 @@ def run_pretrain(config: PretrainConfig) -> Path:
         say(f"saved {folder} in {time.perf_counter() - started:.1f}s")
         return folder
 
+    def train_entry(step: int, learning_rate: float, grad_norm) -> dict[str, Any]:
+        """The log line of the steps since the previous one: loss, rates, Apex statistics, all processes averaged."""
+        nonlocal train_seconds
+        mean_loss = accelerator.reduce(window.loss, "mean").item() / window.steps  # also waits for the device
+        seconds = window.training_seconds()
+        train_seconds += seconds
+        entry = {"step": step, "loss": mean_loss, "learning_rate": learning_rate}
+        if grad_norm is not None:
+            entry["grad_norm"] = float(grad_norm)
+        entry["train_tokens_per_second"] = window.steps * tokens_per_step / max(seconds, 1e-9)
+        if peak_flops:
+            entry["mfu"] = mfu(entry["train_tokens_per_second"])
+        entry["num_input_tokens_seen"] = step * tokens_per_step
+        if config.data.is_weighted:
+            weights = config.data.mixture_weights(step - 1)
+            entry.update({f"data/weight/{name}": w for name, w in zip(config.data.sources, weights)})
+        apex = stats.pop()
+        apex.pop("train_tokens_per_second", None)  # per process and counting eval time: replaced above
+        if apex:
+            names = sorted(apex)
+            means = accelerator.reduce(torch.tensor([apex[n] for n in names], device=accelerator.device), "mean")
+            entry.update(zip(names, means.tolist()))
+        window.reset()
+        return entry
+
     if held_out is not None and start_step == 0:
         run_eval(0)
     model.train()
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-    for step in range(start_step + 1, config.max_steps + 1):
-        for _ in range(config.gradient_accumulation_steps):
-            batch = {name: tensor.to(accelerator.device) for name, tensor in next(train_batches).items()}
-            sync_expert_load()
-            with accelerator.accumulate(model):
-                loss = model(**batch, use_cache=False, output_router_logits=use_router_logits).loss
-                accelerator.backward(loss)
-            window_loss += loss.detach() / config.gradient_accumulation_steps
-        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.update()
-        window_steps += 1
+    window.reset()
+    with StopRequest(accelerator) as stop:  # from here on, a SIGTERM ends in a checkpoint rather than in lost steps
+        for step in range(start_step + 1, config.max_steps + 1):
+            for _ in range(config.gradient_accumulation_steps):
+                batch = {name: tensor.to(accelerator.device) for name, tensor in next(train_batches).items()}
+                sync_expert_load()
+                with accelerator.accumulate(model):
+                    loss = model(**batch, use_cache=False, output_router_logits=use_router_logits).loss
+                    accelerator.backward(loss)
+                window.loss += loss.detach() / config.gradient_accumulation_steps
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.update()
+            window.steps += 1
+            if step % config.logging_steps == 0 or step == config.max_steps:
+                log.add(train_entry(step, learning_rate, grad_norm))
 
-        if step % config.logging_steps == 0 or step == config.max_steps:
-            mean_loss = accelerator.reduce(window_loss, "mean").item() / window_steps  # also waits for the device
-            seconds = time.perf_counter() - window_start - paused
-            train_seconds += seconds
-            apex = stats.pop()
-            apex.pop("train_tokens_per_second", None)  # per process and counting eval time: replaced below
-            if apex:
-                names = sorted(apex)
-                means = accelerator.reduce(torch.tensor([apex[n] for n in names], device=accelerator.device), "mean")
-                apex = dict(zip(names, means.tolist()))
-            entry = {"step": step, "loss": mean_loss, "learning_rate": learning_rate}
-            if grad_norm is not None:
-                entry["grad_norm"] = float(grad_norm)
-            entry["train_tokens_per_second"] = window_steps * tokens_per_step / max(seconds, 1e-9)
-            if peak_flops:
-                entry["mfu"] = mfu(entry["train_tokens_per_second"])
-            entry["num_input_tokens_seen"] = step * tokens_per_step
-            if config.data.is_weighted:
-                weights = config.data.mixture_weights(step - 1)
-                entry.update({f"data/weight/{name}": w for name, w in zip(config.data.sources, weights)})
-            log.add({**entry, **apex})
-            window_loss.zero_()
-            window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-
-        pause_start = time.perf_counter()
-        if held_out is not None and (
-            step == config.max_steps or (config.eval_steps and step % config.eval_steps == 0)
-        ):
-            run_eval(step)
-        saved = None
-        if config.save_steps and step % config.save_steps == 0 and step < config.max_steps:
-            saved = checkpoint(step)
-        if stop.agreed():
-            saved = saved or checkpoint(step)
-            progress.close()
-            accelerator.end_training()
-            stop.close()
-            raise TrainingStopped(step, saved)
-        paused += time.perf_counter() - pause_start
+            with window.paused():
+                if held_out is not None and (
+                    step == config.max_steps or (config.eval_steps and step % config.eval_steps == 0)
+                ):
+                    run_eval(step)
+                saved = None
+                if config.save_steps and step % config.save_steps == 0 and step < config.max_steps:
+                    saved = checkpoint(step)
+                if stop.agreed():
+                    saved = saved or checkpoint(step)
+                    progress.close()
+                    accelerator.end_training()
+                    raise TrainingStopped(step, saved)
     progress.close()
-    stop.close()
 
     save(accelerator, model, tokenizer, output_dir, log.state(config, config.max_steps, train_seconds))
     tokens_seen = config.max_steps * tokens_per_step
