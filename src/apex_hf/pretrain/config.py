@@ -211,12 +211,13 @@ class PretrainDataArguments(DataArguments):
         if not self.curriculum:
             weights = [dataset.weight for dataset in self.datasets]
         else:
-            points = self.curriculum
-            after = next((i for i, point in enumerate(points) if point.step > step), len(points))
-            if after in (0, len(points)):
-                weights = [points[min(after, len(points) - 1)].weights[name] for name in self.sources]
+            first, last = self.curriculum[0], self.curriculum[-1]
+            if step <= first.step or step >= last.step:
+                point = first if step <= first.step else last
+                weights = [point.weights[name] for name in self.sources]
             else:
-                left, right = points[after - 1], points[after]
+                right = next(i for i, point in enumerate(self.curriculum) if point.step > step)
+                left, right = self.curriculum[right - 1], self.curriculum[right]
                 t = (step - left.step) / (right.step - left.step)
                 weights = [(1 - t) * left.weights[n] + t * right.weights[n] for n in self.sources]
         total = sum(weights)
