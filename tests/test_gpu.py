@@ -107,3 +107,21 @@ def test_mixed_precision_training_under_autocast(variant):
     assert torch.isfinite(loss)
     assert model.model.aux_losses["verifier_loss"].dtype == torch.float32
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_expert_kernels_under_autocast_compute_in_bf16(experts):
+    """transformers' expert kernels are no autocast ops: fp32 weights under bf16 autocast must give exactly the
+    output of bf16 expert weights (not an fp32 GEMM), and the gradients must reach the fp32 weights."""
+    model = build("gqa", torch.float32, attn="sdpa", experts=experts).train()
+    reference = build("gqa", torch.float32, attn="sdpa", experts=experts).train()
+    for name, module in reference.named_modules():
+        if name.endswith("mlp.experts"):
+            module.to(torch.bfloat16)
+    tokens = ids(batch=2, length=32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, expected = model(tokens).logits, reference(tokens).logits
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+    logits.float().sum().backward()
+    experts_weight = next(p for n, p in model.named_parameters() if n.endswith("mlp.experts.gate_up_proj"))
+    assert experts_weight.grad.dtype == torch.float32 and experts_weight.grad.abs().sum() > 0

@@ -1,6 +1,8 @@
 """Training: the loss falls, every trainable parameter gets gradient, auxiliary losses train under TRL, multi-token
 prediction stays inside packed documents."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,3 +245,26 @@ def test_verifier_separates_easy_from_hard_tokens_after_training():
     next_is_easy, next_is_hard = first_pass_score[:, 0::2].mean(), first_pass_score[:, 1::2].mean()
     # The hard score stays above zero: on a random next token the first pass agrees with the final guess by chance.
     assert next_is_easy > 0.8 and next_is_easy - next_is_hard > 0.3, (next_is_easy, next_is_hard)
+
+
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+def test_experts_under_autocast_compute_in_its_dtype(experts):
+    """grouped_mm is no autocast op: with fp32 master weights under bf16 autocast the block must still compute with
+    bf16 weights (exactly as a copy whose experts are bf16), while the gradients reach the fp32 weights."""
+    from apex_hf.modeling.modeling_apex import ApexSparseMoeBlock
+
+    config = tiny_config("gqa")
+    config._experts_implementation = experts
+    torch.manual_seed(0)
+    block = ApexSparseMoeBlock(config)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    bf16_experts = copy.deepcopy(block)
+    bf16_experts.experts.to(torch.bfloat16)
+    hidden = torch.randn(2, 8, config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, expected = block(hidden), bf16_experts(hidden)
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+    output.float().sum().backward()
+    assert block.experts.gate_up_proj.grad.dtype == torch.float32
+    assert block.experts.gate_up_proj.grad.abs().sum() > 0 and block.experts.down_proj.grad.abs().sum() > 0
