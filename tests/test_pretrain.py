@@ -446,8 +446,9 @@ def test_packed_position_ids_reach_the_attention_function():
 
 def test_streamed_weighted_sources_resume_where_they_stopped():
     sources = {
-        name: Dataset.from_dict({"input_ids": documents([5 + (i * 7) % 23 for i in range(16)], seed=k)})
-        .to_iterable_dataset(num_shards=2)
+        name: Dataset.from_dict(
+            {"input_ids": documents([5 + (i * 7) % 23 for i in range(16)], seed=k)}
+        ).to_iterable_dataset(num_shards=2)
         for k, name in enumerate(["a", "b"])
     }
 
