@@ -416,7 +416,8 @@ def run_pretrain(config: PretrainConfig) -> Path:
             held_out = held_out_rows(held_out_tokens, config, accelerator)
 
     model_config = model.config
-    num_parameters = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 may partition the weights as they are built: `ds_numel` is a partitioned parameter's full size
+    num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     counts = count(model_config, seq_len=config.seq_len)
     peak_flops = config.peak_tflops * 1e12 if config.peak_tflops else peak_flops_per_device(accelerator.device)
     # The config's output_router_logits is an inference default; in training the balance loss applies whenever its
@@ -427,8 +428,6 @@ def run_pretrain(config: PretrainConfig) -> Path:
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
     )
-    # Stepped once per optimizer step here, not prepared: Accelerate's scheduler wrapper steps once per process.
-    scheduler = build_scheduler(optimizer, config)
     if config.activation_checkpointing:
         # transformers 5.23 renamed it (the old name is a deprecated alias); 5.17 has only the old name
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -436,6 +435,9 @@ def run_pretrain(config: PretrainConfig) -> Path:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # On the prepared optimizer, whose param_groups DeepSpeed ZeRO-3 has regrouped; stepped once per optimizer step
+    # here, not prepared: Accelerate's scheduler wrapper steps once per process.
+    scheduler = build_scheduler(optimizer, config)
     accelerator.register_for_checkpointing(scheduler)
     stats = ApexTrainingStats(model)
     sync_expert_load = ExpertLoadSync(model, accelerator)
