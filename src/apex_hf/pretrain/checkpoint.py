@@ -37,12 +37,16 @@ def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def _fsync_tree(folder: Path) -> dict[str, int]:
     """Flush every file under `folder` to disk and return their sizes, so the rename publishes durable data."""
     sizes = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+        _fsync(path)
         sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
     return sizes
 
@@ -72,7 +76,7 @@ def save_checkpoint(
         write_json(partial / TRAINER_STATE, trainer_state)
         files = _fsync_tree(partial)
         write_json(partial / MANIFEST, {"step": step, "num_processes": accelerator.num_processes, "files": files})
-        _fsync_tree(partial)
+        _fsync(partial / MANIFEST)
         if final.exists():  # this step was saved before (a run resumed from it and stopped again at once)
             _delete(final)
         os.replace(partial, final)
