@@ -108,3 +108,14 @@ def test_no_memory_statistics_without_refinement_memory():
     logs = stats.pop()
     assert "apex/consistency_loss" in logs  # the refinement loop runs, only without memory (and verifier)
     assert not any(key.startswith("apex/memory") for key in logs)
+
+
+def test_multi_token_prediction_loss_is_logged():
+    """The causal LM adds it after the backbone's forward has ended: it is read from the model's output."""
+    model = build("gqa", num_mtp_layers=1)
+    stats = ApexTrainingStats(model)
+    tokens = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = [model(tokens, labels=tokens).mtp_loss.item() for _ in range(2)]
+    assert stats.pop()["apex/mtp_loss"] == pytest.approx(sum(losses) / 2)
+    model(tokens).logits.sum()  # no labels, no MTP loss: nothing to record
+    assert "apex/mtp_loss" not in stats.pop()

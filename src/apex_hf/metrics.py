@@ -4,7 +4,7 @@
 calls of `pop()`, averages over the training forwards (gradient enabled, module in training mode):
 
 - the backbone's auxiliary losses (`ApexModel.aux_losses`: verifier loss and accuracy, verifier score per pass,
-  consistency loss, router z-loss, multi-token-prediction loss),
+  consistency loss, router z-loss) and the causal LM's multi-token-prediction loss (`mtp_loss`),
 - per MoE layer (suffix `/layer_{i}` for `model.layers.<i>`, `/mtp_{j}` for multi-token-prediction depth j + 1) and,
   without a suffix, averaged over all router calls:
   - `expert_load_max_violation`, the max violation of DeepSeek's aux-loss-free paper: (max expert load - mean load)
@@ -81,6 +81,9 @@ class ApexTrainingStats:
                 self._handles.append(module.register_forward_hook(partial(self._record_router, layer_name(name))))
             elif hasattr(module, "memory_gate"):
                 self._handles.append(module.register_forward_hook(self._record_refinement))
+            elif hasattr(module, "mtp") and hasattr(module, "lm_head"):
+                # the causal LM adds its multi-token-prediction loss after the backbone's forward has ended
+                self._handles.append(module.register_forward_hook(self._record_multi_token_prediction))
         if not self._handles:
             raise ValueError(f"{type(model).__name__} has no Apex backbone to collect statistics from")
 
@@ -107,6 +110,11 @@ class ApexTrainingStats:
             refinement, memory = self._last_memory
             self._last_memory = None
             self._record_memory(refinement, memory, padding_mask)
+
+    def _record_multi_token_prediction(self, module, args, output) -> None:
+        mtp_loss = getattr(output, "mtp_loss", None)
+        if _is_recording(module) and mtp_loss is not None:
+            self._add("mtp_loss", mtp_loss)
 
     def _record_refinement(self, module, args, output) -> None:
         # Every pass overwrites it: what the backbone's hook finds is the last pass's memory.
