@@ -224,29 +224,28 @@ def practice_doc(rng: random.Random) -> str:
     return "\n".join([title] + [worked(a, op, b) for a, b in pairs])
 
 
-def word_problems_doc(rng: random.Random) -> str:
-    lines = []
+def training_problems(rng: random.Random, low: int = 0):
+    """3 to 5 `(op, a, b)` additions / subtractions outside the held-out pairs. A generator: the caller's own draws
+    for one problem happen before the next is sampled, which keeps the corpus byte-identical."""
     for _ in range(rng.randint(3, 5)):
         op = rng.choice("+-")
-        a, b = sample_pair(rng, op, False, low=2)
-        lines.append(f"{word_problem(rng, op, a, b)} {worked(a, op, b)}")
-    return "\n".join(lines)
+        yield (op, *sample_pair(rng, op, False, low=low))
+
+
+def word_problems_doc(rng: random.Random) -> str:
+    return "\n".join(f"{word_problem(rng, op, a, b)} {worked(a, op, b)}" for op, a, b in training_problems(rng, low=2))
 
 
 def question_answer_doc(rng: random.Random) -> str:
     lines = []
-    for _ in range(rng.randint(3, 5)):
-        op = rng.choice("+-")
-        a, b = sample_pair(rng, op, False)
+    for op, a, b in training_problems(rng):
         lines += [f"Question: {bare_question(rng, op, a, b)}", f"Answer: {worked(a, op, b)}"]
     return "\n".join(lines)
 
 
 def in_words_doc(rng: random.Random) -> str:
     lines = []
-    for _ in range(rng.randint(3, 5)):
-        op = rng.choice("+-")
-        a, b = sample_pair(rng, op, False)
+    for op, a, b in training_problems(rng):
         said = f"{number_words(a)} {OP_WORDS[op]} {number_words(b)}"
         lines.append(f"{said.capitalize()} equals {number_words(solve(a, op, b))}, so {worked(a, op, b)}")
     return "\n".join(lines)
