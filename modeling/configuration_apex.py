@@ -44,10 +44,15 @@ class ApexConfig(PreTrainedConfig):
     Trunk:
         vocab_size, hidden_size, num_attention_heads, num_key_value_heads, head_dim (GQA head size; for MLA it is
         derived as `qk_rope_head_dim`, the rotary size, as in transformers' DeepSeek-V3), intermediate_size (dense
-        SwiGLU width), hidden_act, rms_norm_eps, initializer_range, max_position_embeddings, rope_parameters
-        (`rope_type` one of default / linear / dynamic / yarn / llama3 / longrope, `rope_theta`, ...),
-        partial_rotary_factor (fraction of each GQA head that is rotated), attention_bias, attention_dropout,
-        tie_word_embeddings, use_cache, pad/bos/eos token ids.
+        SwiGLU width), hidden_act, rms_norm_eps, initializer_range, max_position_embeddings, partial_rotary_factor
+        (fraction of each GQA head that is rotated), attention_dropout, tie_word_embeddings, use_cache, pad/bos/eos
+        token ids.
+        rope_parameters: `rope_type` one of default / linear / dynamic / yarn / llama3 / longrope, `rope_theta`, ...;
+            or, as in transformers' Gemma 3, one such dict per attention layer type
+            (`{"full_attention": {...}, "sliding_attention": {...}}`), so global and local layers rotate differently.
+        embedding_multiplier: the token embeddings are multiplied by it (Gemma 3 uses `sqrt(hidden_size)`).
+        sandwich_norms: an extra RMSNorm on the attention output and on the MLP output, before each is added to the
+            residual (`post_self_attn_layernorm`, `post_mlp_layernorm`; Gemma 3, GLM-4).
 
     Attention (per layer):
         attention_type: `"gqa"` (MHA and MQA are GQA with `num_key_value_heads` = heads or 1) or `"mla"` (DeepSeek
@@ -58,6 +63,12 @@ class ApexConfig(PreTrainedConfig):
             `sliding_window` every layer is full. A given core layer must have the same type in every pass.
         sliding_window: window size of sliding layers.
         qk_norm: RMSNorm on each query / key head before RoPE (Qwen3, Gemma 3). GQA only.
+        attention_bias: biases on the query, key, value and output projections (Llama's convention);
+            attention_output_bias overrides it for the output projection alone (GLM-4 and Qwen2 bias q/k/v only).
+        query_pre_attn_scalar: attention logits are scaled by `query_pre_attn_scalar ** -0.5` instead of
+            `head_dim ** -0.5` (Gemma 3). GQA only.
+        attention_sinks: one learned logit per head that joins every softmax as an extra key with a zero value, so a
+            head can attend to nothing (GPT-OSS). Eager, flex and flash attention; SDPA cannot express it.
         attention_output_gate: `"none"`, `"headwise"` (one sigmoid gate per head) or `"elementwise"` (one per
             channel), computed from the layer input and applied to the attention output before `o_proj` (Qwen3-Next
             gated attention).
@@ -70,6 +81,11 @@ class ApexConfig(PreTrainedConfig):
             of width `moe_intermediate_size` each, fused into one SwiGLU), router_scoring (`softmax` | `sigmoid`),
             norm_topk_prob, routed_scaling_factor, n_group / topk_group (group-limited routing: experts are split
             into `n_group` groups and only the best `topk_group` groups are eligible).
+        router_bias: a learned bias on the router logits, used for selection and mixing alike (GPT-OSS).
+        expert_bias: biases on each routed expert's projections (GPT-OSS).
+        swiglu_limit, swiglu_alpha: `swiglu_limit=None` gives routed experts the plain `act(gate) * up`; a number
+            gives GPT-OSS's clamped form `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)` with
+            `g = clamp(gate, max=limit)`.
         router_aux_loss_coef: Switch load-balancing loss on the router logits (transformers convention: added by the
             causal-LM head, and by TRL, when `output_router_logits`).
         router_bias_update_rate: aux-loss-free balancing (DeepSeek-V3). The router keeps `e_score_correction_bias`,
@@ -90,6 +106,9 @@ class ApexConfig(PreTrainedConfig):
             standard decoder), `"gated_add"` (the spiral memory is added to the next pass's input and the coda's
             through a learned per-channel gate) or `"cross_attention"` (each token attends over its *own* memory
             history M_1..M_k, which is causal by construction and needs no cache).
+        refinement_pass_gate: every pass after the first moves the hidden state only by a learned per-channel
+            fraction of its update, `h + g_k * (core(h) - h)`, `g_k` initialised to 1. Upcycling a single-pass model
+            sets `g_k = 0`, which makes the extra passes identities at initialisation.
         refinement_dim: width of the proposal / review / refinement projections.
         verifier_loss_coef: weight of the verifier loss. The verifier predicts, per token and pass, whether this
             pass's logit-lens prediction (final norm + LM head) already equals the model's final prediction: a
@@ -153,7 +172,10 @@ class ApexConfig(PreTrainedConfig):
     max_position_embeddings: int = 4096
     rope_parameters: RopeParameters | dict | None = None
     partial_rotary_factor: float = 1.0
+    embedding_multiplier: float = 1.0
+    sandwich_norms: bool = False
     attention_bias: bool = False
+    attention_output_bias: bool | None = None
     attention_dropout: float | int = 0.0
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -172,6 +194,8 @@ class ApexConfig(PreTrainedConfig):
     sliding_window: int | None = None
     full_attention_interval: int | None = None
     qk_norm: bool = False
+    query_pre_attn_scalar: float | int | None = None
+    attention_sinks: bool = False
     attention_output_gate: str = "none"
 
     # feed-forward
@@ -187,6 +211,10 @@ class ApexConfig(PreTrainedConfig):
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | int | None = None
+    swiglu_alpha: float = 1.702
     router_aux_loss_coef: float = 0.001
     router_bias_update_rate: float = 0.0
     router_z_loss_coef: float = 0.0
@@ -201,6 +229,7 @@ class ApexConfig(PreTrainedConfig):
     max_refinement_steps: int | None = None
     num_hidden_layers: int | None = None
     memory_injection: str = "none"
+    refinement_pass_gate: bool = False
     refinement_dim: int | None = None
     verifier_loss_coef: float = 0.1
     consistency_loss_coef: float = 0.0
@@ -214,6 +243,8 @@ class ApexConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.max_refinement_steps is None:
             self.max_refinement_steps = self.num_refinement_steps
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
         if self.attention_type == "mla":
             # transformers' RoPE helpers read `head_dim` as the rotary size; for MLA that is the decoupled rope part.
             self.head_dim = self.qk_rope_head_dim
@@ -334,12 +365,21 @@ class ApexConfig(PreTrainedConfig):
                 f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
                 f"{self.num_attention_heads} (grouped-query attention shares each KV head by a whole group)"
             )
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
-            raise ValueError(
-                f"rope_parameters.rope_type={rope_type!r} is unknown; allowed: "
-                f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
-            )
+        nested = set(self.rope_parameters or {}) & set(ATTENTION_LAYER_TYPES)
+        for layer_type in sorted(set(self.layer_types)) if nested else []:
+            if not isinstance(self.rope_parameters.get(layer_type), dict):
+                raise ValueError(
+                    f"rope_parameters is given per layer type ({sorted(nested)}) but has no dict for "
+                    f"{layer_type!r}, which layer_types uses"
+                )
+        for layer_type in sorted(set(self.layer_types)):
+            rope_type = self.rope_parameters_of(layer_type).get("rope_type", "default")
+            if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(
+                    f"rope_parameters.rope_type={rope_type!r} is unknown; allowed: "
+                    f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
+                )
+        _require(self.embedding_multiplier > 0, "embedding_multiplier", self.embedding_multiplier, "> 0")
         if self.hidden_act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not a supported SwiGLU/GeGLU activation")
 
@@ -368,12 +408,17 @@ class ApexConfig(PreTrainedConfig):
                 _require(self.q_lora_rank >= 1, "q_lora_rank", self.q_lora_rank, ">= 1 or None")
             if self.qk_rope_head_dim % 2:
                 raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
-            if self.qk_norm:
-                raise ValueError("qk_norm is only defined for attention_type='gqa' (MLA normalises its latents)")
+            for field in ("qk_norm", "query_pre_attn_scalar", "attention_sinks"):
+                if getattr(self, field):
+                    raise ValueError(f"{field} is only defined for attention_type='gqa'")
             if self.partial_rotary_factor != 1.0:
                 raise ValueError(
                     "partial_rotary_factor does not apply to MLA; size the rope part with qk_rope_head_dim"
                 )
+        if self.query_pre_attn_scalar is not None:
+            _require(
+                self.query_pre_attn_scalar > 0, "query_pre_attn_scalar", self.query_pre_attn_scalar, "> 0 or None"
+            )
         if self.sliding_window is not None:
             _require(self.sliding_window >= 1, "sliding_window", self.sliding_window, ">= 1 or None")
         bad = [t for t in self.layer_types if t not in ATTENTION_LAYER_TYPES]
@@ -428,6 +473,8 @@ class ApexConfig(PreTrainedConfig):
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {eligible} experts that group-limited "
                 f"routing leaves eligible (topk_group={self.topk_group} of n_group={self.n_group} groups)"
             )
+        if self.swiglu_limit is not None:
+            _require(self.swiglu_limit > 0, "swiglu_limit", self.swiglu_limit, "> 0 or None")
         if self.expert_capacity_factor is not None:
             _require(
                 self.expert_capacity_factor > 0, "expert_capacity_factor", self.expert_capacity_factor, "> 0 or None"
@@ -468,13 +515,25 @@ class ApexConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------------------------
 
     @property
-    def rope_type(self) -> str:
-        return (self.rope_parameters or {}).get("rope_type", "default")
+    def rope_per_layer_type(self) -> bool:
+        """Whether `rope_parameters` holds one dict per attention layer type (Gemma 3) rather than one for all."""
+        return bool(set(self.rope_parameters or {}) & set(ATTENTION_LAYER_TYPES))
+
+    def rope_parameters_of(self, layer_type: str) -> dict:
+        """The RoPE parameters that layers of type `layer_type` use."""
+        rope_parameters = self.rope_parameters or {}
+        return rope_parameters[layer_type] if self.rope_per_layer_type else rope_parameters
+
+    @property
+    def rope_types(self) -> list[str]:
+        return sorted({self.rope_parameters_of(t).get("rope_type", "default") for t in set(self.layer_types)})
 
     @property
     def max_trained_length(self) -> int | None:
-        """Longest sequence the positional encoding supports, or `None` when RoPE scaling extrapolates freely."""
-        return None if self.rope_type in ROPE_TYPES_WITHOUT_LENGTH_LIMIT else self.max_position_embeddings
+        """Longest sequence the positional encoding supports, or `None` when every layer's RoPE extrapolates."""
+        if all(rope_type in ROPE_TYPES_WITHOUT_LENGTH_LIMIT for rope_type in self.rope_types):
+            return None
+        return self.max_position_embeddings
 
     @property
     def has_refinement_memory(self) -> bool:

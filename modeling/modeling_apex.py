@@ -95,34 +95,55 @@ class ApexRMSNorm(nn.Module):
 
 
 class ApexRotaryEmbedding(nn.Module):
+    """RoPE cos / sin. With `rope_parameters` given per layer type (Gemma 3: local and global layers rotate with
+    different bases) it keeps one set of frequencies per type, named as transformers' Gemma 3 names them, and
+    `forward` takes the layer type; otherwise there is one set and `layer_type` is `None`."""
+
     def __init__(self, config: ApexConfig):
         super().__init__()
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
         self.config = config
-        self.rope_type = config.rope_type
+        layer_types = sorted(set(config.layer_types)) if config.rope_per_layer_type else [None]
+        self.rope_type = {}
+        for layer_type in layer_types:
+            self.rope_type[layer_type] = config.rope_parameters_of(layer_type).get("rope_type", "default")
+            inv_freq, attention_scaling = self.frequencies(layer_type)
+            prefix = "" if layer_type is None else f"{layer_type}_"
+            setattr(self, f"{prefix}inv_freq", nn.Buffer(inv_freq, persistent=False))
+            setattr(self, f"{prefix}original_inv_freq", nn.Buffer(inv_freq.clone(), persistent=False))
+            setattr(self, f"{prefix}attention_scaling", attention_scaling)
+        if layer_types == [None]:
+            self.rope_type = self.rope_type[None]
+
+    def frequencies(self, layer_type: str | None) -> tuple[torch.Tensor, float]:
+        """`(inv_freq, attention_scaling)` of a layer type (`None`: the one shared set)."""
+        rope_type = self.config.rope_parameters_of(layer_type).get("rope_type", "default")
         rope_init_fn: Callable = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config)
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+        if rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+        return rope_init_fn(self.config, **({} if layer_type is None else {"layer_type": layer_type}))
 
     @staticmethod
-    def compute_default_rope_parameters(config: ApexConfig, **kwargs) -> tuple[torch.Tensor, float]:
+    def compute_default_rope_parameters(
+        config: ApexConfig, device=None, layer_type: str | None = None, **kwargs
+    ) -> tuple[torch.Tensor, float]:
         """Plain RoPE over the first `partial_rotary_factor` of each head (`head_dim` is the rope size for MLA)."""
-        base = config.rope_parameters["rope_theta"]
-        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        rope_parameters = config.rope_parameters_of(layer_type)
+        dim = int(config.head_dim * rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return inv_freq, 1.0
 
     @torch.no_grad()
     @dynamic_rope_update
-    def forward(self, x, position_ids):
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    def forward(self, x, position_ids, layer_type: str | None = None):
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        inv_freq = getattr(self, f"{prefix}inv_freq")
+        attention_scaling = getattr(self, f"{prefix}attention_scaling")
+        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
+        cos = emb.cos() * attention_scaling
+        sin = emb.sin() * attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
@@ -164,6 +185,7 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Unpack[TransformersKwargs],
 ):
     key_states = repeat_kv(key, module.num_key_value_groups)
@@ -171,7 +193,12 @@ def eager_attention_forward(
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if s_aux is not None:  # attention sinks: one extra logit per head whose value is zero, dropped after the softmax
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(*attn_weights.shape[:-1], 1).to(attn_weights.dtype)
+        attn_weights = torch.cat((attn_weights, sinks), dim=-1)
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32)[..., :-1].to(query.dtype)
+    else:
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states)
     attn_output = attn_output.transpose(1, 2).contiguous()
@@ -196,7 +223,8 @@ class ApexAttentionOutputGate(nn.Module):
 
 
 class ApexAttention(nn.Module):
-    """Grouped-query attention (MHA / MQA when kv heads = heads / 1), optional QK-norm, partial RoPE, output gate."""
+    """Grouped-query attention (MHA / MQA when kv heads = heads / 1), optional QK-norm, partial RoPE, attention
+    sinks and output gate."""
 
     def __init__(self, config: ApexConfig, layer_idx: int):
         super().__init__()
@@ -204,7 +232,7 @@ class ApexAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.sliding_window = config.sliding_window_of(layer_idx)
@@ -219,8 +247,10 @@ class ApexAttention(nn.Module):
             config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias
         )
+        if config.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
         if config.qk_norm:
             self.q_norm = ApexRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = ApexRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -265,6 +295,7 @@ class ApexAttention(nn.Module):
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
+            s_aux=getattr(self, "sinks", None),
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -312,14 +343,17 @@ class ApexMLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(
+            self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_output_bias
+        )
         if config.attention_output_gate != "none":
             self.output_gate = ApexAttentionOutputGate(config, self.num_heads, self.v_head_dim)
 
         self.scaling = self.qk_head_dim**-0.5
-        mscale_all_dim = config.rope_parameters.get("mscale_all_dim", 0)
-        if config.rope_type != "default" and mscale_all_dim:
-            self.scaling *= yarn_get_mscale(config.rope_parameters["factor"], mscale_all_dim) ** 2
+        rope_parameters = config.rope_parameters_of(config.physical("layer_types")[layer_idx])
+        mscale_all_dim = rope_parameters.get("mscale_all_dim", 0)
+        if rope_parameters.get("rope_type", "default") != "default" and mscale_all_dim:
+            self.scaling *= yarn_get_mscale(rope_parameters["factor"], mscale_all_dim) ** 2
 
     def forward(
         self,
@@ -397,7 +431,7 @@ class ApexMLP(nn.Module):
 @use_experts_implementation
 class ApexExperts(nn.Module):
     """Routed experts as fused 3D parameters, so transformers' eager / batched_mm / grouped_mm kernels and PEFT's
-    `target_parameters` apply. The forward below is the eager reference."""
+    `target_parameters` apply. The forward below is the eager reference; the kernels call `_apply_gate` too."""
 
     def __init__(self, config: ApexConfig):
         super().__init__()
@@ -407,6 +441,15 @@ class ApexExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.swiglu_limit, self.swiglu_alpha = config.swiglu_limit, config.swiglu_alpha
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.swiglu_limit is None:
+            return self.act_fn(gate) * up
+        gate = gate.clamp(max=self.swiglu_limit)  # GPT-OSS: bounded activations, and the up path gets a +1 skip
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.swiglu_alpha)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -418,11 +461,29 @@ class ApexExperts(nn.Module):
         for expert_idx in expert_hit:
             expert_idx = expert_idx[0]
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            gate_up = F.linear(
+                hidden_states[token_idx], self.gate_up_proj[expert_idx], self._bias("gate_up", expert_idx)
+            )
+            expert_out = F.linear(
+                self._apply_gate(gate_up), self.down_proj[expert_idx], self._bias("down", expert_idx)
+            )
             expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
         return final_hidden_states
+
+    def _bias(self, projection: str, expert_idx: torch.Tensor) -> torch.Tensor | None:
+        return getattr(self, f"{projection}_proj_bias")[expert_idx] if self.has_bias else None
+
+
+@use_experts_implementation(has_bias=True)
+class ApexBiasedExperts(ApexExperts):
+    """Experts with a bias on each projection (`config.expert_bias`, GPT-OSS). A class of its own because
+    transformers' experts kernels read `has_bias` from the decorator, once per class."""
+
+    def __init__(self, config: ApexConfig):
+        super().__init__(config)
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(self.num_experts, 2 * self.intermediate_dim))
+        self.down_proj_bias = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
 
 
 class ApexTopKRouter(nn.Module):
@@ -439,6 +500,8 @@ class ApexTopKRouter(nn.Module):
         self.num_experts = config.num_experts
         self.hidden_dim = config.hidden_size
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        if config.router_bias:
+            self.bias = nn.Parameter(torch.zeros(self.num_experts))
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts))
         # Assignments per expert since the last bias update (aux-loss-free balancing). Saved with the weights so that
         # a run resumed from a checkpoint takes the same next balancing step as one that never stopped.
@@ -447,7 +510,8 @@ class ApexTopKRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        bias = self.bias.float() if self.config.router_bias else None
+        router_logits = F.linear(hidden_states.float(), self.weight.float(), bias)
         if self.config.router_scoring == "softmax":
             scores = router_logits.softmax(dim=-1)
         else:
@@ -506,7 +570,7 @@ class ApexTopKRouter(nn.Module):
 class ApexSparseMoeBlock(nn.Module):
     def __init__(self, config: ApexConfig):
         super().__init__()
-        self.experts = ApexExperts(config)
+        self.experts = ApexBiasedExperts(config) if config.expert_bias else ApexExperts(config)
         self.gate = ApexTopKRouter(config)
         if config.num_shared_experts > 0:
             self.shared_experts = ApexMLP(config, config.moe_intermediate_size * config.num_shared_experts)
@@ -543,8 +607,9 @@ class ApexSparseMoeBlock(nn.Module):
 
 
 class ApexDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm attention + feed-forward. `layer_idx` is the *physical* index; the unrolled `cache_index` comes with
-    each call because a core layer runs once per refinement pass."""
+    """Pre-norm attention + feed-forward, with `sandwich_norms` also post-norm on each branch's output. `layer_idx`
+    is the *physical* index; the unrolled `cache_index` comes with each call because a core layer runs once per
+    refinement pass."""
 
     def __init__(self, config: ApexConfig, layer_idx: int):
         super().__init__()
@@ -556,6 +621,10 @@ class ApexDecoderLayer(GradientCheckpointingLayer):
             self.mlp = ApexMLP(config)
         self.input_layernorm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.sandwich_norms:
+            self.post_self_attn_layernorm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.post_mlp_layernorm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.sandwich_norms = config.sandwich_norms
 
     def forward(
         self,
@@ -575,9 +644,13 @@ class ApexDecoderLayer(GradientCheckpointingLayer):
             cache_index=cache_index,
             **kwargs,
         )
+        if self.sandwich_norms:
+            hidden_states = self.post_self_attn_layernorm(hidden_states)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        if self.sandwich_norms:
+            hidden_states = self.post_mlp_layernorm(hidden_states)
         return residual + hidden_states
 
 
@@ -671,7 +744,6 @@ class ApexPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ApexDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
-    _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # eager experts and the training-time router statistics are data dependent
@@ -681,6 +753,11 @@ class ApexPreTrainedModel(PreTrainedModel):
         "hidden_states": ApexDecoderLayer,
         "attentions": [OutputRecorder(ApexAttention, index=1), OutputRecorder(ApexMLAttention, index=1)],
     }
+
+    @property
+    def _supports_sdpa(self) -> bool:
+        # SDPA takes no sink logits and would silently ignore them; eager, flex and flash attention take them.
+        return not self.config.attention_sinks
 
     @torch.no_grad()
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
@@ -696,13 +773,28 @@ class ApexPreTrainedModel(PreTrainedModel):
         if isinstance(module, ApexExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.has_bias:
+                init.zeros_(module.gate_up_proj_bias)
+                init.zeros_(module.down_proj_bias)
         elif isinstance(module, ApexTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.config.router_bias:
+                init.zeros_(module.bias)
             init.zeros_(module.e_score_correction_bias)
             init.zeros_(module.expert_load)
+        elif isinstance(module, ApexAttention) and hasattr(module, "sinks"):
+            init.zeros_(module.sinks)
         elif isinstance(module, ApexRefinement):
             # Small but non-zero so the memory gets gradient from the first step; upcycling sets it to zero.
             init.constant_(module.memory_gate, std)
+        elif isinstance(module, ApexRotaryEmbedding) and module.config.rope_per_layer_type:
+            # transformers re-creates the shared set of frequencies itself (`original_inv_freq`); not per-type sets.
+            for layer_type in module.rope_type:
+                inv_freq, _ = module.frequencies(layer_type)
+                init.copy_(getattr(module, f"{layer_type}_inv_freq"), inv_freq)
+                init.copy_(getattr(module, f"{layer_type}_original_inv_freq"), inv_freq)
+        elif isinstance(module, ApexModel) and hasattr(module, "pass_gates"):
+            init.ones_(module.pass_gates)  # every pass at full strength; upcycling sets the gates to zero
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -718,6 +810,8 @@ class ApexModel(ApexPreTrainedModel):
         self.layers = nn.ModuleList([ApexDecoderLayer(config, i) for i in range(config.num_physical_layers)])
         if config.has_refinement_memory:
             self.refinement = ApexRefinement(config)
+        if config.refinement_pass_gate and config.max_refinement_steps > 1:
+            self.pass_gates = nn.Parameter(torch.ones(config.max_refinement_steps - 1, config.hidden_size))
         self.norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ApexRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -753,7 +847,7 @@ class ApexModel(ApexPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed(input_ids)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_length(past_seen_tokens + inputs_embeds.shape[1])
         if position_ids is None:
@@ -774,13 +868,14 @@ class ApexModel(ApexPreTrainedModel):
             if "sliding_attention" in config.layer_types:
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        position_embeddings = self.position_embeddings(inputs_embeds, position_ids)
 
         def run_layer(hidden_states: torch.Tensor, unrolled_index: int) -> torch.Tensor:
+            layer_type = config.layer_types[unrolled_index]
             return self.layers[config.physical_layer_index(unrolled_index)](
                 hidden_states,
-                attention_mask=causal_mask_mapping[config.layer_types[unrolled_index]],
-                position_embeddings=position_embeddings,
+                attention_mask=causal_mask_mapping[layer_type],
+                position_embeddings=position_embeddings[layer_type],
                 past_key_values=past_key_values,
                 cache_index=unrolled_index,
                 position_ids=position_ids,  # flash attention reads packed documents from them (it takes no mask)
@@ -796,10 +891,13 @@ class ApexModel(ApexPreTrainedModel):
         anchor_features = refinement.encode_anchor(hidden_states) if refinement is not None else None
         pass_states, verifier_scores, memories = [], [], []
         for step in range(num_passes):
+            pass_input = hidden_states
             if step > 0 and refinement is not None:
                 hidden_states = refinement.inject(hidden_states, memories)
             for core_index in range(core):
                 hidden_states = run_layer(hidden_states, prelude + step * core + core_index)
+            if step > 0 and hasattr(self, "pass_gates"):
+                hidden_states = pass_input + self.pass_gates[step - 1] * (hidden_states - pass_input)
             pass_states.append(hidden_states)
             if refinement is not None:
                 score, memory = refinement(hidden_states, anchor_features, memories[-1] if memories else None)
@@ -820,6 +918,20 @@ class ApexModel(ApexPreTrainedModel):
             verifier_scores=tuple(verifier_scores),
             memory_states=tuple(memories),
         )
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        inputs_embeds = self.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            # The multiplier is rounded to the embedding dtype first, as Gemma 3 does, so bf16 outputs match it.
+            inputs_embeds = inputs_embeds * inputs_embeds.new_tensor(self.config.embedding_multiplier)
+        return inputs_embeds
+
+    def position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor) -> dict:
+        """RoPE (cos, sin) for each attention layer type."""
+        if not self.config.rope_per_layer_type:
+            shared = self.rotary_emb(hidden_states, position_ids)
+            return {layer_type: shared for layer_type in set(self.config.layer_types)}
+        return {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(self.config.layer_types)}
 
     def _resolve_refinement_steps(self, num_refinement_steps: int | None) -> int:
         if num_refinement_steps is None:
@@ -847,8 +959,8 @@ class ApexModel(ApexPreTrainedModel):
         if limit is not None and total_length > limit:
             raise ValueError(
                 f"Sequence length {total_length} (cached + new tokens) exceeds max_position_embeddings={limit}, "
-                f"and rope_type={self.config.rope_type!r} does not extrapolate; use a shorter input or a RoPE "
-                f"scaling (e.g. rope_type='dynamic', or 'yarn' with a larger max_position_embeddings)"
+                f"and RoPE type {'/'.join(self.config.rope_types)} does not extrapolate; use a shorter input or a "
+                f"RoPE scaling (e.g. rope_type='dynamic', or 'yarn' with a larger max_position_embeddings)"
             )
 
     def _update_router_biases(self) -> None:
@@ -1075,14 +1187,15 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         seq_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
-        embeds = self.model.embed_tokens(input_ids)
+        embeds = self.model.embed(input_ids)
+        last_layer_type = self.config.physical("layer_types")[self.config.num_physical_layers - 1]
         losses = []
         for depth, predictor in enumerate(self.mtp, start=1):
             length = seq_len - depth
             if length < 2:
                 break
             positions = position_ids[:, :length]
-            sliding = self.config.sliding_window_of(self.config.num_physical_layers - 1) is not None
+            sliding = last_layer_type == "sliding_attention"
             mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
             mask = mask_function(
                 config=self.config,
@@ -1095,7 +1208,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
                 hidden_states[:, :length],
                 embeds[:, depth:],
                 mask,
-                self.model.rotary_emb(hidden_states, positions),
+                self.model.position_embeddings(hidden_states, positions)[last_layer_type],
                 positions,
             )
             targets = multi_token_prediction_targets(labels, position_ids, depth)

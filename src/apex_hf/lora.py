@@ -12,8 +12,6 @@ the updated biases would be lost and base + adapter would route differently from
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from transformers.utils import is_bitsandbytes_available, logging
 
 from .counting import build_on_meta
 from .modeling.configuration_apex import ApexConfig
+from .outputs import atomic_output_dir, check_new_output_dir
 
 
 logger = logging.get_logger(__name__)
@@ -145,11 +144,9 @@ def merge_lora(
     tokenizer, taken from the adapter folder or else the base folder. It is written to a temporary folder next to
     `output_dir` and renamed into place, so `output_dir` is either complete or absent. Returns `output_dir`.
     """
-    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    adapter_dir, output_dir = Path(adapter_dir), check_new_output_dir(output_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter in {adapter_dir}: {adapter_dir / 'adapter_config.json'} does not exist")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise FileExistsError(f"{output_dir} already exists and is not an empty folder; choose a new output folder")
 
     if base_model is None:
         base_model = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
@@ -166,17 +163,10 @@ def merge_lora(
     if tokenizer_dir is None:
         logger.warning(f"no tokenizer in {adapter_dir} or {base_source}: {output_dir} will have none")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial_dir = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    partial_dir.mkdir()
-    try:
-        merged.save_pretrained(partial_dir)
+    with atomic_output_dir(output_dir) as staging:
+        merged.save_pretrained(staging)
         if tokenizer_dir is not None:
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(partial_dir)
-        partial_dir.replace(output_dir)  # atomic; also replaces an empty output_dir
-    except BaseException:
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        raise
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
     return output_dir
 
 
