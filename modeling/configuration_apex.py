@@ -36,6 +36,18 @@ def sliding_full_pattern(num_layers: int, full_attention_interval: int) -> list[
     ]
 
 
+def unrolled_physical_layers(
+    num_prelude_layers: int, num_core_layers: int, num_coda_layers: int, max_refinement_steps: int
+) -> list[int]:
+    """The physical layer behind each unrolled layer: the prelude, the core once per pass, the coda."""
+    core_start, coda_start = num_prelude_layers, num_prelude_layers + num_core_layers
+    return [
+        *range(core_start),
+        *list(range(core_start, coda_start)) * max_refinement_steps,
+        *range(coda_start, coda_start + num_coda_layers),
+    ]
+
+
 @strict
 class ApexConfig(PreTrainedConfig):
     r"""
@@ -332,7 +344,8 @@ class ApexConfig(PreTrainedConfig):
 
     def unroll(self, per_physical_layer: list) -> list:
         """Expand a per-physical-layer list to one entry per unrolled layer."""
-        return [per_physical_layer[self.physical_layer_index(u)] for u in range(self.num_hidden_layers)]
+        layout = (self.num_prelude_layers, self.num_core_layers, self.num_coda_layers, self.max_refinement_steps)
+        return [per_physical_layer[p] for p in unrolled_physical_layers(*layout)]
 
     def sliding_window_of(self, physical_index: int) -> int | None:
         """The attention window of a physical layer: `sliding_window` for sliding layers, `None` for full ones."""
@@ -549,4 +562,4 @@ def _require(ok: bool, field: str, value, allowed) -> None:
         raise ValueError(f"{field}={value!r} is invalid: must be {allowed}")
 
 
-__all__ = ["ApexConfig", "sliding_full_pattern"]
+__all__ = ["ApexConfig", "sliding_full_pattern", "unrolled_physical_layers"]

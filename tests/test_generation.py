@@ -13,7 +13,7 @@ NEW_TOKENS = 8
 def build(variant, attn="sdpa"):
     torch.manual_seed(0)
     config = tiny_config(variant)
-    config._attn_implementation = attn
+    config._attn_implementation = "eager" if config.attention_sinks else attn  # SDPA cannot express sinks
     # Per-token expert compute so batched and single-row runs round identically.
     config._experts_implementation = "batched_mm"
     return ApexForCausalLM(config).eval()

@@ -16,7 +16,7 @@ from apex_hf.lora import default_lora_config, merge_lora, quantization_config, t
 
 # The MLA variant reads the refinement memory by cross-attention, which adds query/key/value projections.
 REFINEMENT_PROJECTIONS = ["proposal_proj", "review_proj", "refinement_proj", "anchor_proj"]
-MEMORY_READ_PROJECTIONS = {"gqa": [], "mla": ["memory_query", "memory_key", "memory_value"]}
+MEMORY_READ_PROJECTIONS = {"gqa": [], "mla": ["memory_query", "memory_key", "memory_value"], "family_knobs": []}
 
 
 def tiny_model(variant, **overrides):
@@ -116,7 +116,11 @@ def test_default_lora_config_options():
 def test_logits_at_init_after_training_and_merged(variant):
     model = tiny_model(variant)
     base_logits = model(ids()).logits
-    base_experts = {name: p.detach().clone() for name, p in model.named_parameters() if ".experts." in name}
+    base_experts = {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if name.endswith(("gate_up_proj", "down_proj"))
+    }
     peft_model = get_peft_model(model, default_lora_config(model))
     assert torch.equal(peft_model(ids()).logits, base_logits)  # B = 0: the adapter starts as the identity
 

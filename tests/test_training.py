@@ -34,7 +34,7 @@ def test_a_few_steps_on_a_repeated_batch_lower_the_loss(variant):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(3, 97, (4, 16), generator=torch.Generator().manual_seed(0))
     losses = []
-    for _ in range(15):
+    for _ in range(20):
         loss = model(ids, labels=ids).loss
         loss.backward()
         optimizer.step()

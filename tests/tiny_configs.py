@@ -60,7 +60,32 @@ MLA_ALL_FEATURES = dict(
     attention_output_gate="elementwise",
 )
 
-VARIANTS = {"gqa": GQA_ALL_FEATURES, "mla": MLA_ALL_FEATURES}
+# The knobs the converted families brought (Gemma 3, GPT-OSS, GLM-4), together and inside a gated refinement loop.
+FAMILY_KNOBS = dict(
+    num_refinement_steps=2,
+    memory_injection="gated_add",
+    refinement_pass_gate=True,
+    num_experts=4,
+    num_experts_per_tok=2,
+    router_bias=True,
+    expert_bias=True,
+    swiglu_limit=0.5,
+    attention_sinks=True,
+    attention_bias=True,
+    attention_output_bias=False,
+    sandwich_norms=True,
+    embedding_multiplier=32**0.5,
+    query_pre_attn_scalar=12,
+    qk_norm=True,
+    sliding_window=3,
+    full_attention_interval=2,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 100000.0, "factor": 4.0},
+    },
+)
+
+VARIANTS = {"gqa": GQA_ALL_FEATURES, "mla": MLA_ALL_FEATURES, "family_knobs": FAMILY_KNOBS}
 
 
 def tiny_config(variant: str | None = None, **overrides) -> ApexConfig:

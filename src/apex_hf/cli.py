@@ -2,9 +2,11 @@
 
 `info` / `presets`: sizes of a preset or a saved config. `pretrain` / `sft` / `dpo` / `grpo --config FILE`: one
 training stage (`--field value` overrides the file). `pipeline FILE`: the stages in order. `merge-lora`: fold an
-adapter into its base model. `preprocess INPUT... --output OUT`: clean, filter and deduplicate pre-training text
-(datatrove). `demo`: the CPU demo. Training commands run the same under `accelerate launch`
-(`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
+adapter into its base model. `convert SRC OUT`: a Llama / Qwen3 / Qwen3-MoE / Mixtral / DeepSeek-V3 / Gemma 3 /
+GPT-OSS / GLM-4 checkpoint as Apex; `export SRC OUT --to FAMILY`: back; `upcycle SRC OUT`: dense -> MoE and / or
+single pass -> refinement loop, outputs unchanged. `preprocess INPUT... --output OUT`: clean, filter and
+deduplicate pre-training text (datatrove). `demo`: the CPU demo. Training commands run the same under
+`accelerate launch` (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,34 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .convert import ConversionError, convert_checkpoint, export_checkpoint
+    from .upcycle import upcycle_checkpoint
+
+    try:
+        if args.command == "convert":
+            output = convert_checkpoint(args.source, args.output)
+        elif args.command == "export":
+            output = export_checkpoint(args.source, args.output, args.to)
+        else:
+            output = upcycle_checkpoint(
+                args.source,
+                args.output,
+                num_experts=args.experts,
+                num_experts_per_tok=args.experts_per_token,
+                num_refinement_steps=args.refinement_steps,
+                max_refinement_steps=args.max_refinement_steps,
+                memory_injection=args.memory,
+                num_prelude_layers=args.prelude_layers,
+                num_coda_layers=args.coda_layers,
+                seed=args.seed,
+            )
+    except (ConversionError, FileNotFoundError, FileExistsError) as error:
+        parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
+    print(f"apex-hf {args.command}: wrote {output}")
+    return 0
+
+
 def _prepare_job(args: argparse.Namespace, overrides: list[str]):
     """Read and check everything a training command needs, and return the call that runs it. Errors here are bad
     input (a recipe, a path) and get a one-line message; errors while training keep their traceback."""
@@ -129,6 +159,27 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("output", help="new folder for the merged model")
     merge.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
 
+    convert = commands.add_parser("convert", help="convert a checkpoint of an open model family to Apex")
+    convert.add_argument("source", help="transformers checkpoint folder (config.json + weights)")
+    convert.add_argument("output", help="new folder for the Apex checkpoint")
+    export = commands.add_parser("export", help="export an Apex checkpoint to a model family's own format")
+    export.add_argument("source", help="Apex checkpoint folder")
+    export.add_argument("output", help="new folder for the exported checkpoint")
+    export.add_argument("--to", required=True, help="model_type of the target family, e.g. llama, mixtral")
+    upcycle = commands.add_parser(
+        "upcycle", help="grow a model into an MoE and / or a refinement loop with its outputs unchanged at init"
+    )
+    upcycle.add_argument("source", help="Apex checkpoint folder, or any folder `apex-hf convert` reads")
+    upcycle.add_argument("output", help="new folder for the upcycled Apex checkpoint")
+    upcycle.add_argument("--experts", type=int, default=None, help="dense -> MoE with this many experts per layer")
+    upcycle.add_argument("--experts-per-token", type=int, default=2, help="experts each token is routed to")
+    upcycle.add_argument("--refinement-steps", type=int, default=None, help="single pass -> this many core passes")
+    upcycle.add_argument("--max-refinement-steps", type=int, default=None, help="passes the cache has room for")
+    upcycle.add_argument("--memory", default="gated_add", help="memory_injection of the loop (default gated_add)")
+    upcycle.add_argument("--prelude-layers", type=int, default=None, help="layers before the loop (default: kept)")
+    upcycle.add_argument("--coda-layers", type=int, default=None, help="layers after the loop (default: kept)")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers")
+
     # ---- preprocess: owned by src/apex_hf/pretrain/preprocess.py, imported only when asked (it needs datatrove) ----
     preprocess_command = commands.add_parser(
         "preprocess", help="clean, quality-filter and deduplicate pre-training text into files a recipe reads"
@@ -169,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         except PreprocessError as error:  # the data: nothing read, or nothing kept
             parser.exit(2, f"apex-hf preprocess: error: {error}\n")
         return 0
+    if args.command in ("convert", "export", "upcycle"):
+        return _convert_command(args, parser)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -649,7 +649,12 @@ def export_model(apex: ApexForCausalLM, model_type: str) -> PreTrainedModel:
     if model_type != "deepseek_v3":
         state = {k: v for k, v in state.items() if not k.endswith("mlp.gate.e_score_correction_bias")}
     state = state_dict_from_apex(family, state, config)
-    return _load(family.reference_class, reference_config, state, f"apex -> {model_type}").to(apex.dtype)
+    exported = _load(family.reference_class, reference_config, state, f"apex -> {model_type}").to(apex.dtype)
+    # Loaded from a state dict already in transformers' layout, the model records no conversion to undo, and
+    # `save_pretrained` would keep that layout; with none recorded it writes the family's original one (Mixtral's
+    # per-expert tensors), which every serving engine reads.
+    exported._weight_conversions = None
+    return exported
 
 
 def _check_expressible(config: ApexConfig, round_trip: ApexConfig, model_type: str) -> None:
@@ -665,7 +670,7 @@ def _check_expressible(config: ApexConfig, round_trip: ApexConfig, model_type: s
         raise ConversionError(f"this Apex config cannot be expressed as {model_type}: " + "; ".join(differing))
 
 
-def _copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
+def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
@@ -674,13 +679,13 @@ def _copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     return copied
 
 
-def _read_source_config(source: Path) -> PreTrainedConfig:
+def read_model_config(source: Path) -> PreTrainedConfig:
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model folder: {source / 'config.json'} does not exist")
     return AutoConfig.from_pretrained(source)
 
 
-def _load_source_model(source: Path, model_class) -> PreTrainedModel:
+def load_checkpoint(source: Path, model_class) -> PreTrainedModel:
     """Load a checkpoint through transformers (which applies its checkpoint conversion mapping); a checkpoint with
     missing tensors is an error, never a model with random parts."""
     model, info = model_class.from_pretrained(source, dtype="auto", output_loading_info=True)
@@ -694,16 +699,25 @@ def _load_source_model(source: Path, model_class) -> PreTrainedModel:
     return model
 
 
+def load_as_apex(source: str | Path) -> ApexForCausalLM:
+    """The checkpoint folder `source` as an Apex model: an Apex checkpoint as it is, a supported family's converted."""
+    model_type = read_model_config(Path(source)).model_type
+    if model_type == "apex":
+        return load_checkpoint(Path(source), ApexForCausalLM)
+    family_of(model_type)  # an unsupported family fails before any weight is read
+    return convert_model(load_checkpoint(Path(source), AutoModelForCausalLM))
+
+
 def convert_checkpoint(source: str | Path, output_dir: str | Path) -> Path:
     """Convert the transformers checkpoint folder `source` to an Apex checkpoint in the new folder `output_dir`
     (weights in the source's dtype, config, remote code, tokenizer and generation files copied). `output_dir` is
     written whole or not at all."""
     source, output_dir = Path(source), check_new_output_dir(output_dir)
-    family_of(_read_source_config(source).model_type)  # an unsupported family fails before any weight is read
-    apex = convert_model(_load_source_model(source, AutoModelForCausalLM))
+    family_of(read_model_config(source).model_type)  # Apex itself is no family to convert from
+    apex = load_as_apex(source)
     with atomic_output_dir(output_dir) as staging:
         apex.save_pretrained(staging)
-        _copy_tokenizer_files(source, staging)
+        copy_tokenizer_files(source, staging)
     return output_dir
 
 
@@ -711,14 +725,14 @@ def export_checkpoint(source: str | Path, output_dir: str | Path, model_type: st
     """Export the Apex checkpoint folder `source` as a `model_type` checkpoint in the new folder `output_dir`, in
     the family's own layout (Mixtral: per-expert tensors), with the tokenizer files copied."""
     source, output_dir = Path(source), check_new_output_dir(output_dir)
-    if _read_source_config(source).model_type != "apex":
+    if read_model_config(source).model_type != "apex":
         raise ConversionError(
-            f"{source} is not an Apex checkpoint (model_type {_read_source_config(source).model_type!r})"
+            f"{source} is not an Apex checkpoint (model_type {read_model_config(source).model_type!r})"
         )
-    exported = export_model(_load_source_model(source, ApexForCausalLM), model_type)
+    exported = export_model(load_checkpoint(source, ApexForCausalLM), model_type)
     with atomic_output_dir(output_dir) as staging:
         exported.save_pretrained(staging)
-        _copy_tokenizer_files(source, staging)
+        copy_tokenizer_files(source, staging)
     return output_dir
 
 
@@ -731,5 +745,6 @@ __all__ = [
     "convert_model",
     "export_checkpoint",
     "export_model",
+    "load_as_apex",
     "rotary_channel_order",
 ]
