@@ -9,6 +9,7 @@ special cache class.
 This file is copied verbatim to the Hub next to the weights: it imports only torch / transformers / huggingface_hub.
 """
 
+import copy
 import math
 
 from huggingface_hub.dataclasses import strict
@@ -251,6 +252,8 @@ class ApexConfig(PreTrainedConfig):
     mtp_loss_coef: float = 0.3
 
     def __post_init__(self, **kwargs):
+        if self.rope_parameters is not None:  # standardisation fills it in place; leave the caller's dict alone
+            self.rope_parameters = copy.deepcopy(dict(self.rope_parameters))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.max_refinement_steps is None:
@@ -298,6 +301,17 @@ class ApexConfig(PreTrainedConfig):
             self.mlp_layer_types = self.unroll(physical_mlp)
         self.base_model_tp_plan = self._tp_plan_for_this_config()
         super().__post_init__(**kwargs)
+
+    def convert_rope_params_to_dict(self, **kwargs):
+        # transformers 5.17 - 5.22 put `rope_theta` and `partial_rotary_factor` at the top of `rope_parameters` even
+        # when it is nested per layer type, which its own validation then rejects. Nested dicts only need the
+        # per-type standardisation.
+        if not self.rope_per_layer_type:
+            return super().convert_rope_params_to_dict(**kwargs)
+        kwargs.pop("rope_scaling", None)
+        kwargs.pop("rope_theta", None)
+        self.standardize_rope_params()
+        return kwargs
 
     def _tp_plan_for_this_config(self) -> dict[str, str]:
         """The class-level plan minus the entries for modules this configuration does not build. MLA attention stays

@@ -48,6 +48,24 @@ CONFIG_ERRORS = [
         dict(qk_norm=True, attention_type="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
         "qk_norm is only defined",
     ),
+    (
+        dict(
+            attention_sinks=True,
+            attention_type="mla",
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+        ),
+        "attention_sinks is only defined",
+    ),
+    (dict(embedding_multiplier=0.0), "embedding_multiplier=0.0"),
+    (dict(query_pre_attn_scalar=-4), "query_pre_attn_scalar=-4"),
+    (dict(num_experts=4, swiglu_limit=0.0), "swiglu_limit=0.0"),
+    (
+        dict(sliding_window=3, full_attention_interval=2, rope_parameters={"full_attention": {"rope_theta": 1e4}}),
+        "has no dict for 'sliding_attention'",
+    ),
 ]
 
 

@@ -266,6 +266,8 @@ def test_router_logits_and_aux_loss_match_reference(variant, padding_side):
     reference, apex = model_pair(variant, "eager")
     kwargs = forward_kwargs(padding_side, output_router_logits=True)
     ref_out, apex_out = reference(**kwargs), apex(**kwargs)
+    if getattr(ref_out, "router_logits", None) is None:
+        pytest.skip(f"this transformers version's {type(reference).__name__} returns no router logits")
     num_sparse = apex.config.mlp_layer_types.count("sparse")
     assert len(ref_out.router_logits) == len(apex_out.router_logits) == num_sparse
     input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]

@@ -414,7 +414,7 @@ def _gpt_oss_to_apex(ref) -> dict:
             router_bias=True,
             expert_bias=True,
             swiglu_limit=ref.swiglu_limit,
-            swiglu_alpha=ref.swiglu_alpha,
+            swiglu_alpha=getattr(ref, "swiglu_alpha", 1.702),  # transformers < 5.23 fixes it at 1.702
         ),
         "router_aux_loss_coef": ref.router_aux_loss_coef,
     }
@@ -457,10 +457,16 @@ FAMILIES: dict[str, Family] = {
             "llama",
             "Llama 3.x",
             _llama_to_apex,
-            "rope_parameters (llama3 scaling), tie_word_embeddings",
+            "rope_parameters (llama3 scaling), tie_word_embeddings, attention_bias",
             from_apex=_llama_from_apex,
         ),
-        Family("qwen3", "Qwen3", _qwen3_to_apex, "qk_norm", from_apex=_qwen3_from_apex),
+        Family(
+            "qwen3",
+            "Qwen3",
+            _qwen3_to_apex,
+            "qk_norm, layer_types + sliding_window (max_window_layers)",
+            from_apex=_qwen3_from_apex,
+        ),
         Family(
             "qwen3_moe",
             "Qwen3-MoE",

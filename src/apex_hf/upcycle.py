@@ -70,7 +70,10 @@ def _relayout(knobs: dict, physical_attention: list[str], physical_mlp: list[str
 def _new_model(config: ApexConfig, source: ApexForCausalLM) -> tuple[ApexForCausalLM, list[str]]:
     """A model of `config` holding every tensor of `source` that still fits; returns it and the keys it added."""
     model = ApexForCausalLM._from_config(
-        config, attn_implementation=source.config._attn_implementation, dtype=source.dtype
+        config,
+        attn_implementation=source.config._attn_implementation,
+        experts_implementation=source.config._experts_implementation,
+        dtype=source.dtype,
     )
     source_state = source.state_dict()
     model_state = model.state_dict()
