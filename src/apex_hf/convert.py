@@ -432,6 +432,7 @@ class Family:
     `splits`: a family tensor that Apex keeps as two, concatenated along dim 0 in the family.
     `rewrites`: exact tensor rewrites on Apex keys (see `Rewrite`). `from_apex`: the family config's arguments, for
     export; `None` where the family is not offered as an export target. `knobs`: the Apex knobs it needs (README).
+    `routing_correction_bias`: whether the family's routers hold DeepSeek's `e_score_correction_bias`.
     """
 
     model_type: str
@@ -442,6 +443,7 @@ class Family:
     renames: dict[str, str] = field(default_factory=dict)
     splits: dict[str, tuple[str, str]] = field(default_factory=dict)
     rewrites: tuple[Rewrite, ...] = ()
+    routing_correction_bias: bool = False
 
     @property
     def reference_class(self) -> type[PreTrainedModel]:
@@ -489,6 +491,7 @@ FAMILIES: dict[str, Family] = {
             "num_shared_experts, routed_scaling_factor, first-k dense mlp_layer_types; interleaved RoPE permuted",
             from_apex=_deepseek_v3_from_apex,
             rewrites=DEEPSEEK_ROTARY_REWRITES,
+            routing_correction_bias=True,
         ),
         Family(
             "gemma3_text",
@@ -540,8 +543,6 @@ def family_of(model_type: str) -> Family:
 # State dicts
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
-# Router buffers Apex has and most families lack: zero correction bias and zero running load change no routing.
-_APEX_ONLY_ROUTER_BUFFERS = re.compile(r"mlp\.gate\.(e_score_correction_bias|expert_load)$")
 
 
 def _rewrite(state: dict[str, torch.Tensor], family: Family, config: ApexConfig, direction: str) -> None:
@@ -567,6 +568,17 @@ def state_dict_to_apex(
         else:
             state[prefix + family.renames.get(suffix, suffix)] = tensor
     _rewrite(state, family, config, "to_apex")
+    return state
+
+
+def _with_default_router_buffers(state: dict[str, torch.Tensor], config: ApexConfig) -> dict[str, torch.Tensor]:
+    """Apex's routers keep buffers most families lack; zero correction bias and zero running load route alike."""
+    state = dict(state)
+    for physical, mlp_type in enumerate(config.physical("mlp_layer_types")):
+        if mlp_type != "sparse":
+            continue
+        for buffer in ("e_score_correction_bias", "expert_load"):
+            state.setdefault(f"model.layers.{physical}.mlp.gate.{buffer}", torch.zeros(config.num_experts))
     return state
 
 
@@ -625,16 +637,6 @@ def convert_model(reference: PreTrainedModel) -> ApexForCausalLM:
     return _load(ApexForCausalLM, config, state, f"{family.model_type} -> apex").to(reference.dtype)
 
 
-def _with_default_router_buffers(state: dict[str, torch.Tensor], config: ApexConfig) -> dict[str, torch.Tensor]:
-    state = dict(state)
-    for physical, mlp_type in enumerate(config.physical("mlp_layer_types")):
-        if mlp_type != "sparse":
-            continue
-        for buffer in ("e_score_correction_bias", "expert_load"):
-            state.setdefault(f"model.layers.{physical}.mlp.gate.{buffer}", torch.zeros(config.num_experts))
-    return state
-
-
 def export_model(apex: ApexForCausalLM, model_type: str) -> PreTrainedModel:
     """An Apex model as a transformers model of `model_type`, with the same outputs. Raises `ConversionError`
     naming each Apex knob the family cannot hold."""
@@ -645,15 +647,14 @@ def export_model(apex: ApexForCausalLM, model_type: str) -> PreTrainedModel:
     config = apex.config
     reference_config = AutoConfig.for_model(model_type, **family.from_apex(config))
     _check_expressible(config, apex_config_from(reference_config), model_type)
-    state = {k: v for k, v in apex.state_dict().items()}
-    for key, value in state.items():
-        if key.endswith("mlp.gate.e_score_correction_bias") and model_type != "deepseek_v3" and value.any():
-            raise ConversionError(
-                f"{key} is non-zero, and {model_type} routes without a correction bias: the export would route "
-                f"differently"
-            )
-    if model_type != "deepseek_v3":
-        state = {k: v for k, v in state.items() if not k.endswith("mlp.gate.e_score_correction_bias")}
+    state = dict(apex.state_dict())
+    if not family.routing_correction_bias:
+        for key in [k for k in state if k.endswith("mlp.gate.e_score_correction_bias")]:
+            if state.pop(key).any():
+                raise ConversionError(
+                    f"{key} is non-zero, and {model_type} routes without a correction bias: the export would route "
+                    f"differently"
+                )
     state = state_dict_from_apex(family, state, config)
     exported = _load(family.reference_class, reference_config, state, f"apex -> {model_type}").to(apex.dtype)
     # Loaded from a state dict already in transformers' layout, the model records no conversion to undo, and
@@ -676,13 +677,10 @@ def _check_expressible(config: ApexConfig, round_trip: ApexConfig, model_type: s
         raise ConversionError(f"this Apex config cannot be expressed as {model_type}: " + "; ".join(differing))
 
 
-def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
-    copied = []
+def copy_tokenizer_files(source: Path, destination: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, destination / name)
-            copied.append(name)
-    return copied
 
 
 def read_model_config(source: Path) -> PreTrainedConfig:
@@ -731,10 +729,8 @@ def export_checkpoint(source: str | Path, output_dir: str | Path, model_type: st
     """Export the Apex checkpoint folder `source` as a `model_type` checkpoint in the new folder `output_dir`, in
     the family's own layout (Mixtral: per-expert tensors), with the tokenizer files copied."""
     source, output_dir = Path(source), check_new_output_dir(output_dir)
-    if read_model_config(source).model_type != "apex":
-        raise ConversionError(
-            f"{source} is not an Apex checkpoint (model_type {read_model_config(source).model_type!r})"
-        )
+    if (source_type := read_model_config(source).model_type) != "apex":
+        raise ConversionError(f"{source} is not an Apex checkpoint (its model_type is {source_type!r})")
     exported = export_model(load_checkpoint(source, ApexForCausalLM), model_type)
     with atomic_output_dir(output_dir) as staging:
         exported.save_pretrained(staging)

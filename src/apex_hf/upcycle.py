@@ -45,8 +45,9 @@ _MOE_DEFAULTS = dict(
 def _knobs(config: ApexConfig) -> dict:
     """The config's own knobs, without the values `__post_init__` derives (they are re-derived)."""
     knobs = {k: v for k, v in config.to_dict().items() if k in ApexConfig.__annotations__}
-    for derived in ("num_hidden_layers", "head_dim" if config.attention_type == "mla" else None):
-        knobs.pop(derived, None)
+    del knobs["num_hidden_layers"]
+    if config.attention_type == "mla":
+        del knobs["head_dim"]
     return knobs
 
 
