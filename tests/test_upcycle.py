@@ -98,3 +98,12 @@ def test_upcycling_refuses_what_it_cannot_preserve():
         upcycle_to_refinement(single_pass_apex(), num_refinement_steps=2, num_prelude_layers=2, num_coda_layers=2)
     with pytest.raises(ConversionError, match="nothing to upcycle"):
         upcycle_model(single_pass_apex())
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "gemma3_text", "gpt_oss", "glm4", "mixtral"])
+def test_converted_families_loop_with_unchanged_logits(variant):
+    """MLA, per-layer-type RoPE with sandwich norms, attention sinks, partial rotary, sliding experts: all loop."""
+    _, source = model_pair(variant, "eager")
+    upcycled = upcycle_to_refinement(source, num_refinement_steps=2, num_prelude_layers=1, num_coda_layers=1).eval()
+    assert upcycled.config.num_hidden_layers == 4
+    assert max_logit_delta(source, upcycled) == 0.0
