@@ -113,3 +113,13 @@ def test_upcycle_command_from_a_family_checkpoint(tmp_path, tiny_tokenizer):
     assert (tmp_path / "up" / "tokenizer.json").is_file()
     kwargs = forward_kwargs("right")
     assert torch.isfinite(upcycled(**kwargs).logits).all()
+
+
+def test_gpt_oss_refuses_an_older_transformers(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(
+        ConversionError, match=r"gpt_oss: converting needs transformers >= 5\.23 \(installed: 5\.17\.0\)"
+    ):
+        apex_config_from(reference_config("gpt_oss"))

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -401,7 +403,17 @@ def _gemma3_text_to_apex(ref) -> dict:
     }
 
 
+# The oldest transformers whose GPT-OSS reproduces through this mapping (measured); 5.17 does not, for reasons not
+# investigated, so an older install gets an error instead of a silently different model.
+GPT_OSS_MIN_TRANSFORMERS = "5.23"
+
+
 def _gpt_oss_to_apex(ref) -> dict:
+    if Version(transformers.__version__) < Version(GPT_OSS_MIN_TRANSFORMERS):
+        raise ConversionError(
+            f"gpt_oss: converting needs transformers >= {GPT_OSS_MIN_TRANSFORMERS} (installed: "
+            f"{transformers.__version__}); older GPT-OSS implementations do not reproduce through this mapping"
+        )
     return {
         **_trunk(ref),
         "attention_sinks": True,
@@ -447,8 +459,6 @@ class Family:
 
     @property
     def reference_class(self) -> type[PreTrainedModel]:
-        import transformers
-
         return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.model_type])
 
 
