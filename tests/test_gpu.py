@@ -129,3 +129,39 @@ def test_expert_kernels_under_autocast_compute_in_bf16(experts):
     logits.float().sum().backward()
     experts_weight = next(p for n, p in model.named_parameters() if n.endswith("mlp.experts.gate_up_proj"))
     assert experts_weight.grad.dtype == torch.float32 and experts_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_regionally_compiled_layers_match_eager_forward_and_gradients(dtype):
+    """The training fast path (`torch_compile: true` in the pre-training recipe compiles each decoder layer)."""
+    tokens = ids()
+    # In bf16 the verifier's targets (argmax agreements) flip on rounding, which changes its loss, not the kernels'
+    # numerics; fp32 checks the whole model, bf16 the loop without memory and verifier.
+    overrides = {} if dtype == torch.float32 else {"memory_injection": "none"}
+    kwargs = dict(attn="sdpa", experts="grouped_mm", decisive_routing=True, **overrides)
+    reference = build("gqa", dtype, **kwargs).train()
+    compiled = build("gqa", dtype, **kwargs).train()
+    for layer in compiled.model.layers:
+        layer.compile()
+    out_ref, out_fast = reference(tokens, labels=tokens), compiled(tokens, labels=tokens)
+    # Relative to the tensor's norm: bf16 rounds differently in fused kernels, element by element.
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+
+    def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+        return ((expected.float() - actual.float()).norm() / expected.float().norm().clamp(min=1e-12)).item()
+
+    assert relative_error(out_ref.logits, out_fast.logits) <= tolerance
+    out_ref.loss.backward()
+    out_fast.loss.backward()
+    for (name, p_ref), p_fast in zip(reference.named_parameters(), compiled.parameters()):
+        assert relative_error(p_ref.grad, p_fast.grad) <= tolerance, name
+
+
+def test_static_cache_compiled_generation_matches_eager():
+    """transformers compiles the forward for static-cache generation on a GPU; the tokens must not change."""
+    model = build("gqa", attn="sdpa", experts="grouped_mm")
+    prompt = ids(length=9)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    eager = model.generate(prompt, **kwargs)
+    compiled = model.generate(prompt, cache_implementation="static", **kwargs)
+    assert torch.equal(eager, compiled)

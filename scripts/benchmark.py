@@ -1,0 +1,273 @@
+"""Apex against transformers' own MoE and dense models, side by side, in one run on one GPU.
+
+Rows at the anchor shape (hidden 2048, 8 layers, 16 heads / 4 KV of 128, 64 experts top-8 of width 768, vocab
+32000): Apex `bench-moe` (K = 1), `bench-moe-k3` (K = 3 with memory), `bench-dense`, and transformers'
+`Qwen3MoeForCausalLM` (grouped_mm experts) and `LlamaForCausalLM` (dense SwiGLU of the same active width, 6144).
+
+* Training step: fp32 master weights under bf16 autocast, fused AdamW, `--batch` x `--seq-len` random tokens, router
+  logits on (the load-balancing loss is part of the step). Tokens/s over the timed steps after warm-up; MFU in
+  torchtitan's convention (`6 * active non-embedding params + 6 * L * H * (d_qk + d_v) * S` FLOPs per token, against
+  the GPU's dense bf16 peak); peak memory.
+* Training is measured eager and with each decoder layer compiled (`torch.compile`, regional, as the pre-training
+  recipe's `torch_compile: true` does), for every model alike.
+* Greedy decode: bf16 weights, a 32-token prompt, 128 new tokens, batch 1 and 32; with the dynamic cache, and with a
+  static cache, for which transformers compiles the forward itself.
+
+Each model and mode runs in its own process (clean memory counters, no compiled graphs carried over). Prints a
+markdown table and writes JSON:
+
+    python scripts/benchmark.py --out runs/benchmark.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from apex_hf import ApexForCausalLM
+from apex_hf.counting import count, peak_flops_per_device
+from apex_hf.presets import get_preset
+
+
+PROMPT_TOKENS, NEW_TOKENS = 32, 128
+
+
+def reference_configs() -> dict[str, object]:
+    """transformers' Qwen3-MoE and Llama at bench-moe's shape."""
+    shape = get_preset("bench-moe")
+    trunk = dict(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_parameters=dict(shape.rope_parameters),
+        tie_word_embeddings=False,
+    )
+    return {
+        "qwen3_moe": Qwen3MoeConfig(
+            **trunk,
+            num_experts=shape.num_experts,
+            num_experts_per_tok=shape.num_experts_per_tok,
+            moe_intermediate_size=shape.moe_intermediate_size,
+            norm_topk_prob=True,
+        ),
+        "llama": LlamaConfig(**trunk, intermediate_size=shape.num_experts_per_tok * shape.moe_intermediate_size),
+    }
+
+
+def reference_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
+    """torchtitan's convention for a plain decoder: routed experts count `k / E` of their weights."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    active = 0
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if param is embedding:
+                continue
+            share = (config.num_experts_per_tok, config.num_experts) if name.endswith("mlp.experts") else (1, 1)
+            active += param.numel() * share[0] // share[1]
+    head_dim = config.head_dim
+    return 6 * active + 6 * config.num_hidden_layers * config.num_attention_heads * 2 * head_dim * seq_len
+
+
+def build(name: str, experts: str, seq_len: int) -> tuple[torch.nn.Module, int]:
+    """The model on the GPU in fp32 (training) and its FLOPs per token at the benchmark's sequence length."""
+    if name.startswith("apex:"):
+        config = get_preset(name.removeprefix("apex:"))
+        model = ApexForCausalLM._from_config(config, attn_implementation="sdpa", experts_implementation=experts)
+        flops = count(config, seq_len=seq_len).train_flops_per_token
+    else:
+        config = reference_configs()[name]
+        model_class = Qwen3MoeForCausalLM if name == "qwen3_moe" else LlamaForCausalLM
+        kwargs = {"experts_implementation": experts} if name == "qwen3_moe" else {}
+        model = model_class._from_config(config, attn_implementation="sdpa", **kwargs)
+        flops = reference_flops_per_token(model, seq_len)
+    return model.to("cuda"), flops
+
+
+def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def training_step(model: torch.nn.Module, batch: int, seq_len: int) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device="cuda")
+    moe = getattr(model.config, "num_experts", 0) > 0
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, output_router_logits=moe).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def train(model: torch.nn.Module, flops_per_token: int, args: argparse.Namespace) -> dict:
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed(training_step(model, args.batch, args.seq_len), args.warmup, args.steps)
+    tokens_per_second = args.batch * args.seq_len / seconds
+    peak = peak_flops_per_device("cuda")
+    return {
+        "train_tokens_per_s": round(tokens_per_second),
+        "mfu": tokens_per_second * flops_per_token / peak if peak else None,
+        "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "flops_per_token": flops_per_token,
+    }
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, batch: int, static: bool) -> float:
+    prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device="cuda")
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    seconds = timed(lambda: model.generate(prompt, **kwargs), warmup=2 if static else 1, steps=2)
+    return batch * NEW_TOKENS / seconds
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """Regional compilation (each decoder layer on its own), as torchtitan does: the layers share one compiled
+    graph, and the routing's data-dependent parts stay outside whole-model graph constraints."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
+    model, flops = build(name, args.experts, args.seq_len)
+    if compiled:
+        compile_layers(model)
+    row = {"model": name, "experts": args.experts, "training": "compiled layers" if compiled else "eager"}
+    if args.train:
+        row.update(train(model, flops, args))
+    gc.collect()
+    torch.cuda.empty_cache()
+    if compiled:  # compiled layers would recompile for every decode shape; decode has its own compile path
+        return row
+    model = model.to(torch.bfloat16).eval()
+    model.config.output_router_logits = False
+    for batch in (1, 32):
+        row[f"decode_b{batch}_dynamic"] = round(decode(model, batch, static=False), 1)
+        try:  # transformers compiles the forward itself when generating with a static cache on a GPU
+            row[f"decode_b{batch}_static_compile"] = round(decode(model, batch, static=True), 1)
+        except Exception as error:  # noqa: BLE001  (a model that does not compile is a result to report)
+            row[f"decode_b{batch}_static_compile"] = f"failed: {type(error).__name__}"
+            print(f"{name} static-cache decode failed: {error}", flush=True)
+    return row
+
+
+def profile(name: str, args: argparse.Namespace, rows: int = 25) -> str:
+    """Where one training step's GPU time goes: the top CUDA kernels of a step after warm-up."""
+    model, _ = build(name, args.experts, args.seq_len)
+    step = training_step(model.train(), args.batch, args.seq_len)
+    timed(step, warmup=2, steps=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        step()
+        torch.cuda.synchronize()
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
+ROW_PREFIX = "BENCHMARK_ROW "
+
+
+def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
+    """Measure one model in a fresh process: clean peak-memory counters, and no compiled graphs or recompilation
+    budget (`torch._dynamo`'s caches) carried over from the models before it."""
+    command = [sys.executable, __file__, "--single", "--models", name, "--training-modes", mode]
+    command += ["--experts", args.experts, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(args.out)]
+    command += [] if args.train else ["--no-train"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    rows = [line.removeprefix(ROW_PREFIX) for line in result.stdout.splitlines() if line.startswith(ROW_PREFIX)]
+    if result.returncode != 0 or not rows:
+        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+        raise SystemExit(f"measuring {name} ({mode}) failed with exit code {result.returncode}")
+    print(rows[0], flush=True)
+    return json.loads(rows[0])
+
+
+def table(rows: list[dict]) -> str:
+    """One line per model and training mode; "vs Llama" compares with Llama trained the same way."""
+    lines = [
+        "| model | training | train tokens/s | vs Llama | MFU | peak GiB | decode b1 dynamic / static+compile | "
+        "decode b32 dynamic / static+compile |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "train_tokens_per_s" not in r:
+            r = {**r, "train_tokens_per_s": 0, "mfu": 0, "train_peak_gib": 0}
+        dense = next((d for d in rows if d["model"] == "llama" and d["training"] == r["training"]), None)
+        ratio = f"{r['train_tokens_per_s'] / dense['train_tokens_per_s']:.2f}x" if dense else "-"
+        decode_cells = [
+            f"{r.get(f'decode_b{b}_dynamic', '-')} / {r.get(f'decode_b{b}_static_compile', '-')}" for b in (1, 32)
+        ]
+        lines.append(
+            f"| {r['model']} | {r['training']} | {r['train_tokens_per_s']:,} | {ratio} "
+            f"| {100 * (r['mfu'] or 0):.1f} % | {r['train_peak_gib']:.1f} | {decode_cells[0]} | {decode_cells[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["llama", "qwen3_moe", "apex:bench-dense", "apex:bench-moe", "apex:bench-moe-k3"],
+    )
+    parser.add_argument("--experts", default="grouped_mm", help="experts implementation of the MoE models")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-train", dest="train", action="store_false", help="decode rows only")
+    parser.add_argument(
+        "--training-modes",
+        nargs="+",
+        choices=["eager", "compiled"],
+        default=["eager", "compiled"],
+        help="eager, and/or torch.compile of each decoder layer (compiled rows measure training only)",
+    )
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", nargs="*", default=[], help="models whose training step is also profiled")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/benchmark.py measures a CUDA GPU; none is available")
+    if args.single:  # one row, in this process: the parent reads it from stdout
+        print(ROW_PREFIX + json.dumps(measure(args.models[0], args.training_modes[0] == "compiled", args)))
+        return
+    rows = [run_isolated(name, mode, args) for mode in args.training_modes for name in args.models]
+    device = torch.cuda.get_device_name()
+    report = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**report, "rows": rows}, indent=2))
+    print(f"\n{device}, torch {torch.__version__}, batch {args.batch} x {args.seq_len}\n")
+    print(table(rows))
+    for name in args.profile:
+        print(f"\n## {name}: one training step\n{profile(name, args)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
