@@ -10,6 +10,8 @@ Rows at the anchor shape (hidden 2048, 8 layers, 16 heads / 4 KV of 128, 64 expe
   the GPU's dense bf16 peak); peak memory.
 * Training is measured eager and with each decoder layer compiled (`torch.compile`, regional, as the pre-training
   recipe's `torch_compile: true` does), for every model alike.
+* LoRA: `lora:apex-7b-lora` fine-tunes the 7B-class preset with PEFT LoRA at 4,096 tokens, the process capped at
+  24 GiB (`torch.cuda.set_per_process_memory_fraction`): tokens/s and peak memory, or the out-of-memory.
 * Greedy decode: bf16 weights, a 32-token prompt, 128 new tokens, batch 1 and 32; with the dynamic cache, and with a
   static cache, for which transformers compiles the forward itself.
 
@@ -154,7 +156,43 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.compile()
 
 
+LORA_MEMORY_GIB = 24  # the single-GPU LoRA budget: a 24 GiB card
+LORA_SEQ_LEN = 4096
+
+
+def measure_lora(preset: str, args: argparse.Namespace) -> dict:
+    """LoRA (Apex's default targets, experts included) on a bf16 `preset` at 4,096 tokens, with the process capped at
+    `LORA_MEMORY_GIB` as on a 24 GiB card, activation checkpointing on: tokens/s and peak memory, or the OOM."""
+    from peft import get_peft_model
+
+    from apex_hf.lora import default_lora_config
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(LORA_MEMORY_GIB * 2**30 / total)
+    config = get_preset(preset)
+    model = ApexForCausalLM._from_config(
+        config, attn_implementation="sdpa", experts_implementation=args.experts, dtype=torch.bfloat16
+    ).to("cuda")
+    model.gradient_checkpointing_enable()
+    model = get_peft_model(model, default_lora_config(model)).train()
+    row = {"model": f"lora:{preset}", "experts": args.experts, "training": f"LoRA, {LORA_MEMORY_GIB} GiB cap"}
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        seconds = timed(training_step(model, 1, LORA_SEQ_LEN), args.warmup, args.steps)
+    except torch.OutOfMemoryError:
+        return {**row, "train_tokens_per_s": 0, "mfu": None, "train_peak_gib": LORA_MEMORY_GIB, "oom": True}
+    return {
+        **row,
+        "train_tokens_per_s": round(LORA_SEQ_LEN / seconds),
+        "mfu": None,
+        "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "seq_len": LORA_SEQ_LEN,
+    }
+
+
 def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
+    if name.startswith("lora:"):
+        return measure_lora(name.removeprefix("lora:"), args)
     model, flops = build(name, args.experts, args.seq_len)
     if compiled:
         compile_layers(model)
@@ -222,9 +260,10 @@ def table(rows: list[dict]) -> str:
         decode_cells = [
             f"{r.get(f'decode_b{b}_dynamic', '-')} / {r.get(f'decode_b{b}_static_compile', '-')}" for b in (1, 32)
         ]
+        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] else "-"
         lines.append(
-            f"| {r['model']} | {r['training']} | {r['train_tokens_per_s']:,} | {ratio} "
-            f"| {100 * (r['mfu'] or 0):.1f} % | {r['train_peak_gib']:.1f} | {decode_cells[0]} | {decode_cells[1]} |"
+            f"| {r['model']} | {r['training']} | {r['train_tokens_per_s']:,} | {ratio} | {mfu} "
+            f"| {r['train_peak_gib']:.1f} | {decode_cells[0]} | {decode_cells[1]} |"
         )
     return "\n".join(lines)
 
@@ -234,7 +273,8 @@ def main() -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=["llama", "qwen3_moe", "apex:bench-dense", "apex:bench-moe", "apex:bench-moe-k3"],
+        default=["llama", "qwen3_moe", "apex:bench-dense", "apex:bench-moe", "apex:bench-moe-k3", "lora:apex-7b-lora"],
+        help="`llama`, `qwen3_moe`, `apex:<preset>` or `lora:<preset>` (LoRA at 4,096 tokens under a 24 GiB cap)",
     )
     parser.add_argument("--experts", default="grouped_mm", help="experts implementation of the MoE models")
     parser.add_argument("--batch", type=int, default=8)
@@ -258,7 +298,12 @@ def main() -> None:
     if args.single:  # one row, in this process: the parent reads it from stdout
         print(ROW_PREFIX + json.dumps(measure(args.models[0], args.training_modes[0] == "compiled", args)))
         return
-    rows = [run_isolated(name, mode, args) for mode in args.training_modes for name in args.models]
+    rows = [
+        run_isolated(name, mode, args)
+        for mode in args.training_modes
+        for name in args.models
+        if mode == "eager" or not name.startswith("lora:")
+    ]
     device = torch.cuda.get_device_name()
     report = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import torch
 from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
+from apex_hf.presets import get_preset
 
 
 pytestmark = pytest.mark.gpu
@@ -165,3 +166,26 @@ def test_static_cache_compiled_generation_matches_eager():
     eager = model.generate(prompt, **kwargs)
     compiled = model.generate(prompt, cache_implementation="static", **kwargs)
     assert torch.equal(eager, compiled)
+
+
+def test_benchmark_preset_trains_200_bf16_steps_without_nan():
+    """bench-moe (2.5B parameters) at a normal learning rate: fp32 weights under bf16 autocast, AdamW 3e-4 with
+    gradient clipping, 200 steps on one repeated batch, so the loss must also fall."""
+    config = get_preset("bench-moe")
+    model = ApexForCausalLM._from_config(config, attn_implementation="sdpa", experts_implementation="grouped_mm")
+    model = model.to("cuda").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    tokens = torch.randint(
+        0, config.vocab_size, (2, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0)
+    )
+    losses = []
+    for _ in range(200):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens, labels=tokens, output_router_logits=True).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        assert torch.isfinite(loss) and torch.isfinite(grad_norm), f"step {len(losses)}: loss {loss}, grad {grad_norm}"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
