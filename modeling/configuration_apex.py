@@ -392,14 +392,12 @@ class ApexConfig(PreTrainedConfig):
                 f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
                 f"{self.num_attention_heads} (grouped-query attention shares each KV head by a whole group)"
             )
-        nested = set(self.rope_parameters or {}) & set(ATTENTION_LAYER_TYPES)
-        for layer_type in sorted(set(self.layer_types)) if nested else []:
-            if not isinstance(self.rope_parameters.get(layer_type), dict):
+        for layer_type in sorted(set(self.layer_types)):
+            if self.rope_per_layer_type and not isinstance(self.rope_parameters.get(layer_type), dict):
                 raise ValueError(
-                    f"rope_parameters is given per layer type ({sorted(nested)}) but has no dict for "
+                    f"rope_parameters is given per layer type ({sorted(self.rope_parameters)}) but has no dict for "
                     f"{layer_type!r}, which layer_types uses"
                 )
-        for layer_type in sorted(set(self.layer_types)):
             rope_type = self.rope_parameters_of(layer_type).get("rope_type", "default")
             if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
                 raise ValueError(

@@ -163,13 +163,11 @@ def randomise(model: torch.nn.Module) -> None:
 
 @functools.cache
 def model_pair(variant: str, attn_implementation: str):
-    import transformers
-
     config = reference_config(variant)
-    family = FAMILIES[config.model_type]
-    reference_class = getattr(transformers, family.reference_class.__name__)
     torch.manual_seed(0)
-    reference = reference_class._from_config(config, attn_implementation=attn_implementation)
+    reference = FAMILIES[config.model_type].reference_class._from_config(
+        config, attn_implementation=attn_implementation
+    )
     randomise(reference)
     apex = convert_model(reference)
     apex.set_attn_implementation(attn_implementation)

@@ -555,6 +555,12 @@ def family_of(model_type: str) -> Family:
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
+def _split_layer_key(key: str) -> tuple[str, str] | None:
+    """`("model.layers.<i>.", suffix)` for a decoder-layer key, `None` for any other key."""
+    layer = _LAYER_KEY.fullmatch(key)
+    return None if layer is None else (f"model.layers.{layer.group(1)}.", layer.group(2))
+
+
 def _rewrite(state: dict[str, torch.Tensor], family: Family, config: ApexConfig, direction: str) -> None:
     for key in state:
         for rewrite in family.rewrites:
@@ -567,11 +573,10 @@ def state_dict_to_apex(
 ) -> dict[str, torch.Tensor]:
     state = {}
     for key, tensor in reference_state.items():
-        layer = _LAYER_KEY.fullmatch(key)
-        if layer is None:
+        if (layer := _split_layer_key(key)) is None:
             state[key] = tensor
             continue
-        prefix, suffix = f"model.layers.{layer.group(1)}.", layer.group(2)
+        prefix, suffix = layer
         if suffix in family.splits:
             for part, chunk in zip(family.splits[suffix], tensor.chunk(2, dim=0)):
                 state[prefix + part] = chunk
@@ -600,11 +605,10 @@ def state_dict_from_apex(family: Family, apex_state: dict[str, torch.Tensor], co
     renamed_back = {apex: ref for ref, apex in family.renames.items()}
     result = {}
     for key, tensor in state.items():
-        layer = _LAYER_KEY.fullmatch(key)
-        if layer is None:
+        if (layer := _split_layer_key(key)) is None:
             result[key] = tensor
             continue
-        prefix, suffix = f"model.layers.{layer.group(1)}.", layer.group(2)
+        prefix, suffix = layer
         fused = next((ref for ref, parts in family.splits.items() if suffix == parts[0]), None)
         if fused is not None:
             result[prefix + fused] = torch.cat([state[prefix + part] for part in family.splits[fused]], dim=0)

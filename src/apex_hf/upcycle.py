@@ -53,13 +53,8 @@ def _knobs(config: ApexConfig) -> dict:
 
 def _relayout(knobs: dict, physical_attention: list[str], physical_mlp: list[str]) -> ApexConfig:
     """`knobs` with `layer_types` / `mlp_layer_types` unrolled from per-physical-layer lists for its loop layout."""
-    layout = (
-        knobs["num_prelude_layers"],
-        knobs["num_core_layers"],
-        knobs["num_coda_layers"],
-        knobs.get("max_refinement_steps") or knobs["num_refinement_steps"],
-    )
-    order = unrolled_physical_layers(*layout)
+    layout = ("num_prelude_layers", "num_core_layers", "num_coda_layers", "max_refinement_steps")
+    order = unrolled_physical_layers(*(knobs[name] for name in layout))
     knobs = {
         **knobs,
         "layer_types": [physical_attention[p] for p in order],
