@@ -23,6 +23,12 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import (
+    ExpertsInterface,
+    _grouped_linear,
+    batched_mm_experts_forward,
+    grouped_mm_experts_forward,
+)
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -428,6 +434,103 @@ class ApexMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Apex's own experts implementation, "apex_grouped_mm" (the default on a GPU). transformers' grouped_mm forward, on an
+# H200 at apex_hf's benchmark shape,
+#  * backpropagates its token gather and its un-permutation as scatter-adds (`index_put` with accumulation), and
+#    (5.17) masks every row for expert-parallel sentinels even without expert parallelism: 17.9 ms forward + backward
+#    per layer eager and 10.2 compiled, against 12.3 and 9.5 here (16,384 tokens, 64 experts, top-8);
+#  * is swapped by `generate` for batched_mm, which copies the chosen expert's weights for every (token, expert)
+#    pair: 1.45 ms per layer at batch 32, where reading every expert once takes 0.18 ms.
+# So Apex keeps torch's grouped GEMM for many tokens with its own gathers around it, and picks the cheapest path for
+# few tokens itself (CUDA-graph timings per layer, batch 1 / 8 / 32 / 128):
+#   batched_mm (per-pair weight copies)   0.08 / 0.45 / 1.45 / 5.50 ms
+#   grouped GEMM                          0.09 / 0.23 / 0.30 / 0.30 ms
+#   every expert on every token           0.16 / 0.17 / 0.18 / 0.24 ms
+# Every expert wins once the pairs cover the experts, while the call stays memory-bound: up to
+# `EVERY_EXPERT_MAX_TOKENS` tokens its arithmetic intensity is below Hopper's ~200 FLOP per byte.
+EVERY_EXPERT_MAX_TOKENS = 128
+
+
+class _DispatchToExperts(torch.autograd.Function):
+    """`hidden_states[rows_by_expert // top_k]`: each token once per chosen expert, rows sorted by expert. The backward
+    gathers the rows back into (token, choice) order and sums the k copies of each token: no scatter-add."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, rows_by_expert, row_positions, top_k):
+        ctx.save_for_backward(row_positions)
+        ctx.top_k = top_k
+        return hidden_states[rows_by_expert // top_k]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (row_positions,) = ctx.saved_tensors
+        grad = grad_rows[row_positions].view(-1, ctx.top_k, grad_rows.shape[-1]).sum(dim=1)
+        return grad, None, None, None
+
+
+class _CombineFromExperts(torch.autograd.Function):
+    """Rows sorted by expert back into (token, choice) order: a gather whose backward is the opposite gather."""
+
+    @staticmethod
+    def forward(ctx, rows, rows_by_expert, row_positions):
+        ctx.save_for_backward(rows_by_expert)
+        return rows[row_positions]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (rows_by_expert,) = ctx.saved_tensors
+        return grad_out[rows_by_expert], None, None
+
+
+def _every_expert_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Each expert on every token as two batched GEMMs, mixed by the routing weights (zero for unchosen experts)."""
+    gate_up = torch.matmul(hidden_states, self.gate_up_proj.transpose(1, 2))  # (experts, tokens, 2 * intermediate)
+    if self.has_bias:
+        gate_up = gate_up + self.gate_up_proj_bias.unsqueeze(1)
+    out = torch.bmm(self._apply_gate(gate_up), self.down_proj.transpose(1, 2))  # (experts, tokens, hidden)
+    if self.has_bias:
+        out = out + self.down_proj_bias.unsqueeze(1)
+    mixing = torch.zeros(hidden_states.shape[0], self.num_experts, dtype=out.dtype, device=out.device)
+    mixing = mixing.scatter(1, top_k_index, top_k_weights.to(out.dtype))
+    return torch.einsum("te,eth->th", mixing, out)
+
+
+def apex_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Few tokens: batched_mm or every expert; many: tokens permuted into per-expert groups, two grouped GEMMs,
+    weighted and permuted back (see above)."""
+    # Expert parallelism routes foreign tokens to sentinel ids, which transformers' forward masks. transformers >= 5.23
+    # flags it; 5.17 - 5.22 only shrink `num_experts` to this rank's experts.
+    if getattr(self, "_is_expert_parallel", self.num_experts < self.config.num_experts):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_tokens, top_k = top_k_index.shape
+    if num_tokens * top_k < self.num_experts:  # fewer weight copies than there are experts
+        return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if num_tokens <= EVERY_EXPERT_MAX_TOKENS:
+        return _every_expert_forward(self, hidden_states, top_k_index, top_k_weights)
+    expert_ids, rows_by_expert = torch.sort(top_k_index.reshape(-1))
+    row_positions = torch.empty_like(rows_by_expert)
+    row_positions[rows_by_expert] = torch.arange(rows_by_expert.numel(), device=rows_by_expert.device)
+    # histc rather than bincount: no device sync, so CUDA graphs can capture it. It counts ints on CUDA, floats on CPU.
+    counts = torch.histc(
+        expert_ids.int() if expert_ids.is_cuda else expert_ids.float(), self.num_experts, 0, self.num_experts - 1
+    )
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    # `_grouped_linear` is transformers' dispatch to torch's grouped GEMM, with its fallback where that has no kernel
+    # (fp32 under torch.compile, older CPU builds).
+    biases = {
+        name: getattr(self, f"{name}_proj_bias")[expert_ids] if self.has_bias else None for name in ("gate_up", "down")
+    }
+    rows = _DispatchToExperts.apply(hidden_states, rows_by_expert, row_positions, top_k)
+    gate_up = _grouped_linear(rows, self.gate_up_proj, offsets, bias=biases["gate_up"])
+    out = _grouped_linear(self._apply_gate(gate_up), self.down_proj, offsets, bias=biases["down"])
+    out = out * top_k_weights.reshape(-1)[rows_by_expert].unsqueeze(-1).to(out.dtype)
+    out = _CombineFromExperts.apply(out, rows_by_expert, row_positions)
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+ExpertsInterface.register("apex_grouped_mm", apex_grouped_mm_experts_forward)
+
+
 @use_experts_implementation
 class ApexExperts(nn.Module):
     """Routed experts as fused 3D parameters, so transformers' eager / batched_mm / grouped_mm kernels and PEFT's
@@ -761,10 +864,11 @@ class ApexPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # torch's grouped_mm has no fast CPU kernel (apex-small sampling: 4.1 s with it, 0.54 s eager), so where there
-        # is no GPU the default is the eager loop; an explicit `experts_implementation` is always respected.
-        if requested_experts is None and not torch.cuda.is_available():
-            requested_experts = "eager"
+        # The default is Apex's own "apex_grouped_mm" on a GPU. torch's grouped_mm has no fast CPU kernel (apex-small
+        # sampling: 4.1 s with it, 0.54 s eager), so without a GPU it is the eager loop. An explicit
+        # `experts_implementation` is always respected.
+        if requested_experts is None:
+            requested_experts = "apex_grouped_mm" if torch.cuda.is_available() else "eager"
         return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module):
@@ -849,7 +953,7 @@ class ApexModel(ApexPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self._check_length(past_seen_tokens + inputs_embeds.shape[1])
+        self._check_length(past_seen_tokens + inputs_embeds.shape[1], past_key_values)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
@@ -954,11 +1058,21 @@ class ApexModel(ApexPreTrainedModel):
                 f"check that the tokenizer matches the model (resize the embeddings if the tokenizer grew)"
             )
 
-    def _check_length(self, total_length: int) -> None:
+    def _check_length(self, total_length: int | torch.Tensor, past_key_values: Cache | None) -> None:
         limit = self.config.max_trained_length
-        if limit is not None and total_length > limit:
+        if limit is None:
+            return
+        if isinstance(total_length, torch.Tensor):
+            # A static cache counts its tokens on the device: reading the count would sync, and break the compiled
+            # decode graph, at every step. Its capacity bounds every length it will hold (`generate` sizes it to the
+            # positions it will feed), so that is checked instead.
+            total_length = past_key_values.get_max_length()
+            what = f"A static cache of {total_length} tokens"
+        else:
+            what = f"Sequence length {total_length} (cached + new tokens)"
+        if total_length > limit:
             raise ValueError(
-                f"Sequence length {total_length} (cached + new tokens) exceeds max_position_embeddings={limit}, "
+                f"{what} exceeds max_position_embeddings={limit}, "
                 f"and RoPE type {'/'.join(self.config.rope_types)} does not extrapolate; use a shorter input or a "
                 f"RoPE scaling (e.g. rope_type='dynamic', or 'yarn' with a larger max_position_embeddings)"
             )

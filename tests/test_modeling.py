@@ -48,7 +48,7 @@ def test_causality_every_feature_on(variant, attn):
         assert torch.equal(memory_a[:, : t + 1], memory_b[:, : t + 1])
 
 
-@pytest.mark.parametrize("experts", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("experts", ["apex_grouped_mm", "grouped_mm", "eager"])
 def test_causality_of_row_grouping_expert_kernels(experts):
     """Expert kernels that group tokens per expert: the past is unchanged up to GEMM rounding (no information leak:
     the same check with batched_mm above is exact)."""
@@ -117,6 +117,18 @@ def test_sequence_longer_than_supported_is_a_clear_error():
     # A RoPE scaling that extrapolates lifts the limit.
     dynamic = build(tiny_config(max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
     assert dynamic(torch.randint(3, 97, (1, 40))).logits.shape == (1, 40, 97)
+
+
+def test_static_cache_longer_than_supported_is_refused_before_decoding():
+    """A static cache counts its tokens on the device, so the check reads its capacity instead (no sync per step,
+    which would break compiled decoding): `generate` sizes it to the positions it will feed."""
+    model = build(tiny_config(max_position_embeddings=16, sliding_window=None))
+    prompt = torch.randint(3, 97, (1, 5))
+    kwargs = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
+    # 5 + 12 tokens feed 16 positions (the last new token is not fed back), which the cache is sized to.
+    assert model.generate(prompt, max_new_tokens=12, **kwargs).shape == (1, 17)
+    with pytest.raises(ValueError, match="A static cache of 17 tokens exceeds max_position_embeddings=16"):
+        model.generate(prompt, max_new_tokens=13, **kwargs)
 
 
 @pytest.mark.parametrize(

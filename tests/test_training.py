@@ -247,7 +247,7 @@ def test_verifier_separates_easy_from_hard_tokens_after_training():
     assert next_is_easy > 0.8 and next_is_easy - next_is_hard > 0.3, (next_is_easy, next_is_hard)
 
 
-@pytest.mark.parametrize("experts", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("experts", ["eager", "grouped_mm", "apex_grouped_mm"])
 def test_experts_under_autocast_compute_in_its_dtype(experts):
     """grouped_mm is no autocast op: with fp32 master weights under bf16 autocast the block must still compute with
     bf16 weights (exactly as a copy whose experts are bf16), while the gradients reach the fp32 weights."""
