@@ -2,7 +2,9 @@
 
 Rows at the anchor shape (hidden 2048, 8 layers, 16 heads / 4 KV of 128, 64 experts top-8 of width 768, vocab
 32000): Apex `bench-moe` (K = 1), `bench-moe-k3` (K = 3 with memory), `bench-dense`, and transformers'
-`Qwen3MoeForCausalLM` (grouped_mm experts) and `LlamaForCausalLM` (dense SwiGLU of the same active width, 6144).
+`Qwen3MoeForCausalLM` and `LlamaForCausalLM` (dense SwiGLU of the same active width, 6144). Each MoE model runs its
+default experts implementation on a GPU (`--experts` overrides both): transformers' grouped_mm for Qwen3-MoE, which
+`generate` swaps for batched_mm while decoding, and Apex's own "apex_grouped_mm" for Apex.
 
 * Training step: fp32 master weights under bf16 autocast, fused AdamW, `--batch` x `--seq-len` random tokens, router
   logits on (the load-balancing loss is part of the step). Tokens/s over the timed steps after warm-up; MFU in
@@ -16,9 +18,11 @@ Rows at the anchor shape (hidden 2048, 8 layers, 16 heads / 4 KV of 128, 64 expe
   static cache, for which transformers compiles the forward itself.
 
 Each model and mode runs in its own process (clean memory counters, no compiled graphs carried over). Prints a
-markdown table and writes JSON:
+markdown table and writes JSON, after every row. All rows take over ten minutes on an H200; the training modes can
+run apart:
 
     python scripts/benchmark.py --out runs/benchmark.json
+    python scripts/benchmark.py --training-modes compiled --out runs/benchmark_compiled.json
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def reference_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
     return 6 * active + 6 * config.num_hidden_layers * config.num_attention_heads * 2 * head_dim * seq_len
 
 
-def build(name: str, experts: str, seq_len: int) -> tuple[torch.nn.Module, int]:
+def build(name: str, experts: str | None, seq_len: int) -> tuple[torch.nn.Module, int]:
     """The model on the GPU in fp32 (training) and its FLOPs per token at the benchmark's sequence length."""
     if name.startswith("apex:"):
         config = get_preset(name.removeprefix("apex:"))
@@ -93,7 +97,7 @@ def build(name: str, experts: str, seq_len: int) -> tuple[torch.nn.Module, int]:
     else:
         config = reference_configs()[name]
         model_class = Qwen3MoeForCausalLM if name == "qwen3_moe" else LlamaForCausalLM
-        kwargs = {"experts_implementation": experts} if name == "qwen3_moe" else {}
+        kwargs = {"experts_implementation": experts} if name == "qwen3_moe" and experts else {}
         model = model_class._from_config(config, attn_implementation="sdpa", **kwargs)
         flops = reference_flops_per_token(model, seq_len)
     return model.to("cuda"), flops
@@ -139,13 +143,17 @@ def train(model: torch.nn.Module, flops_per_token: int, args: argparse.Namespace
     }
 
 
-@torch.no_grad()
-def decode(model: torch.nn.Module, batch: int, static: bool) -> float:
+def greedy_generation(model: torch.nn.Module, batch: int, static: bool) -> Callable[[], None]:
+    """One `generate` call: a random `PROMPT_TOKENS` prompt, exactly `NEW_TOKENS` new tokens."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device="cuda")
     kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
-    seconds = timed(lambda: model.generate(prompt, **kwargs), warmup=2 if static else 1, steps=2)
+    return lambda: model.generate(prompt, **kwargs)
+
+
+def decode(model: torch.nn.Module, batch: int, static: bool) -> float:
+    seconds = timed(greedy_generation(model, batch, static), warmup=2 if static else 1, steps=2)
     return batch * NEW_TOKENS / seconds
 
 
@@ -174,8 +182,9 @@ def measure_lora(preset: str, args: argparse.Namespace) -> dict:
         config, attn_implementation="sdpa", experts_implementation=args.experts, dtype=torch.bfloat16
     ).to("cuda")
     model.gradient_checkpointing_enable()
+    experts = model.config._experts_implementation
+    row = {"model": f"lora:{preset}", "experts": experts, "training": f"LoRA, {LORA_MEMORY_GIB} GiB cap"}
     model = get_peft_model(model, default_lora_config(model)).train()
-    row = {"model": f"lora:{preset}", "experts": args.experts, "training": f"LoRA, {LORA_MEMORY_GIB} GiB cap"}
     torch.cuda.reset_peak_memory_stats()
     try:
         seconds = timed(training_step(model, 1, LORA_SEQ_LEN), args.warmup, args.steps)
@@ -196,7 +205,10 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     model, flops = build(name, args.experts, args.seq_len)
     if compiled:
         compile_layers(model)
-    row = {"model": name, "experts": args.experts, "training": "compiled layers" if compiled else "eager"}
+    experts = (
+        getattr(model.config, "_experts_implementation", None) if getattr(model.config, "num_experts", 0) else None
+    )
+    row = {"model": name, "experts": experts, "training": "compiled layers" if compiled else "eager"}
     if args.train:
         row.update(train(model, flops, args))
     gc.collect()
@@ -215,15 +227,38 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     return row
 
 
-def profile(name: str, args: argparse.Namespace, rows: int = 25) -> str:
-    """Where one training step's GPU time goes: the top CUDA kernels of a step after warm-up."""
-    model, _ = build(name, args.experts, args.seq_len)
-    step = training_step(model.train(), args.batch, args.seq_len)
-    timed(step, warmup=2, steps=1)
+def top_kernels(step: Callable[[], None], rows: int) -> str:
+    """A markdown table of the CUDA kernels of one `step` (run after warm-up), by total time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         step()
         torch.cuda.synchronize()
-    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+    events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"GPU time {total / 1e3:.1f} ms", "", "| kernel | ms | share | calls |", "|---|---|---|---|"]
+    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]:
+        share = e.self_device_time_total / total
+        lines.append(f"| `{e.key[:90]}` | {e.self_device_time_total / 1e3:.2f} | {100 * share:.1f} % | {e.count} |")
+    return "\n".join(lines)
+
+
+def profile(name: str, compiled: bool, args: argparse.Namespace, rows: int = 25) -> str:
+    """Where the GPU time goes: the top kernels of one training step (eager, or with compiled layers), and of one
+    static-cache greedy generation of `NEW_TOKENS` at batch 1 and 32 (bf16)."""
+    model, _ = build(name, args.experts, args.seq_len)
+    if compiled:
+        compile_layers(model)
+    step = training_step(model.train(), args.batch, args.seq_len)
+    timed(step, warmup=3, steps=1)
+    report = [f"### {name}: one training step ({'compiled layers' if compiled else 'eager'})", top_kernels(step, rows)]
+    if compiled:
+        return "\n\n".join(report)
+    model = model.to(torch.bfloat16).eval()
+    model.config.output_router_logits = False
+    for batch in (1, 32):
+        generate = greedy_generation(model, batch, static=True)
+        timed(generate, warmup=2, steps=1)
+        report += [f"### {name}: static-cache decode, batch {batch}", top_kernels(generate, rows)]
+    return "\n\n".join(report)
 
 
 ROW_PREFIX = "BENCHMARK_ROW "
@@ -233,7 +268,8 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
     """Measure one model in a fresh process: clean peak-memory counters, and no compiled graphs or recompilation
     budget (`torch._dynamo`'s caches) carried over from the models before it."""
     command = [sys.executable, __file__, "--single", "--models", name, "--training-modes", mode]
-    command += ["--experts", args.experts, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    command += ["--experts", args.experts] if args.experts else []
+    command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(args.out)]
     command += [] if args.train else ["--no-train"]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -276,7 +312,7 @@ def main() -> None:
         default=["llama", "qwen3_moe", "apex:bench-dense", "apex:bench-moe", "apex:bench-moe-k3", "lora:apex-7b-lora"],
         help="`llama`, `qwen3_moe`, `apex:<preset>` or `lora:<preset>` (LoRA at 4,096 tokens under a 24 GiB cap)",
     )
-    parser.add_argument("--experts", default="grouped_mm", help="experts implementation of the MoE models")
+    parser.add_argument("--experts", help="experts implementation of the MoE models (default: each model's own)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=3)
@@ -290,7 +326,12 @@ def main() -> None:
         help="eager, and/or torch.compile of each decoder layer (compiled rows measure training only)",
     )
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", nargs="*", default=[], help="models whose training step is also profiled")
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        help="models whose training step and decode are also profiled (top kernels)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -298,20 +339,20 @@ def main() -> None:
     if args.single:  # one row, in this process: the parent reads it from stdout
         print(ROW_PREFIX + json.dumps(measure(args.models[0], args.training_modes[0] == "compiled", args)))
         return
-    rows = [
-        run_isolated(name, mode, args)
-        for mode in args.training_modes
-        for name in args.models
-        if mode == "eager" or not name.startswith("lora:")
-    ]
     device = torch.cuda.get_device_name()
     report = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**report, "rows": rows}, indent=2))
+    rows = []
+    for mode in args.training_modes:
+        for name in args.models:
+            if mode == "eager" or not name.startswith("lora:"):
+                rows.append(run_isolated(name, mode, args))
+                args.out.write_text(json.dumps({**report, "rows": rows}, indent=2))  # kept if a later row fails
     print(f"\n{device}, torch {torch.__version__}, batch {args.batch} x {args.seq_len}\n")
     print(table(rows))
     for name in args.profile:
-        print(f"\n## {name}: one training step\n{profile(name, args)}", flush=True)
+        for mode in args.training_modes:
+            print(f"\n{profile(name, mode == 'compiled', args)}", flush=True)
 
 
 if __name__ == "__main__":
