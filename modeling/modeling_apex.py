@@ -528,13 +528,15 @@ def apex_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weig
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
+# Registered with transformers, which accepts an `experts_implementation` only if its interface knows the name.
 ExpertsInterface.register("apex_grouped_mm", apex_grouped_mm_experts_forward)
 
 
 @use_experts_implementation
 class ApexExperts(nn.Module):
-    """Routed experts as fused 3D parameters, so transformers' eager / batched_mm / grouped_mm kernels and PEFT's
-    `target_parameters` apply. The forward below is the eager reference; the kernels call `_apply_gate` too."""
+    """Routed experts as fused 3D parameters, so transformers' eager / batched_mm / grouped_mm kernels, Apex's
+    apex_grouped_mm and PEFT's `target_parameters` apply. The forward below is the eager reference; the kernels call
+    `_apply_gate` too."""
 
     def __init__(self, config: ApexConfig):
         super().__init__()

@@ -205,9 +205,7 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     model, flops = build(name, args.experts, args.seq_len)
     if compiled:
         compile_layers(model)
-    experts = (
-        getattr(model.config, "_experts_implementation", None) if getattr(model.config, "num_experts", 0) else None
-    )
+    experts = model.config._experts_implementation if getattr(model.config, "num_experts", 0) else None
     row = {"model": name, "experts": experts, "training": "compiled layers" if compiled else "eager"}
     if args.train:
         row.update(train(model, flops, args))

@@ -81,13 +81,9 @@ def test_attention_backends_match_eager(variant, attn):
 def test_bf16_is_close_to_fp32(variant, overrides):
     tokens = ids()
     with torch.no_grad():
-        fp32 = build(variant, experts="apex_grouped_mm", attn="sdpa", decisive_routing=True, **overrides)(
-            tokens
-        ).logits
-        bf16 = build(
-            variant, torch.bfloat16, experts="apex_grouped_mm", attn="sdpa", decisive_routing=True, **overrides
-        )
-        bf16 = bf16(tokens).logits
+        kwargs = dict(experts="apex_grouped_mm", attn="sdpa", decisive_routing=True, **overrides)
+        fp32 = build(variant, **kwargs)(tokens).logits
+        bf16 = build(variant, torch.bfloat16, **kwargs)(tokens).logits
     assert (fp32 - bf16.float()).abs().max() / fp32.abs().max() < 0.05
 
 
@@ -175,7 +171,7 @@ def test_regionally_compiled_layers_match_eager_forward_and_gradients(dtype):
         assert_close_as_reference(exact, fast, logits_and_gradients(build("gqa", dtype, **kwargs).train()))
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # decode steps through the experts' grouped GEMMs, and every expert
+@pytest.mark.parametrize("batch", [1, 2])  # decode steps through batched_mm (2 pairs, 4 experts), and every expert
 def test_static_cache_compiled_generation_matches_eager(batch):
     """transformers compiles the forward for static-cache generation on a GPU; the tokens must not change."""
     model = build("gqa", attn="sdpa", experts="apex_grouped_mm")
