@@ -495,18 +495,9 @@ def _every_expert_forward(self, hidden_states, top_k_index, top_k_weights):
     return torch.einsum("te,eth->th", mixing, out)
 
 
-def apex_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Few tokens: batched_mm or every expert; many: tokens permuted into per-expert groups, two grouped GEMMs,
-    weighted and permuted back (see above)."""
-    # Expert parallelism routes foreign tokens to sentinel ids, which transformers' forward masks. transformers >= 5.23
-    # flags it; 5.17 - 5.22 only shrink `num_experts` to this rank's experts.
-    if getattr(self, "_is_expert_parallel", self.num_experts < self.config.num_experts):
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Tokens permuted into per-expert groups, two grouped GEMMs, weighted and permuted back."""
     num_tokens, top_k = top_k_index.shape
-    if num_tokens * top_k < self.num_experts:  # fewer weight copies than there are experts
-        return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if num_tokens <= EVERY_EXPERT_MAX_TOKENS:
-        return _every_expert_forward(self, hidden_states, top_k_index, top_k_weights)
     expert_ids, rows_by_expert = torch.sort(top_k_index.reshape(-1))
     row_positions = torch.empty_like(rows_by_expert)
     row_positions[rows_by_expert] = torch.arange(rows_by_expert.numel(), device=rows_by_expert.device)
@@ -526,6 +517,20 @@ def apex_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weig
     out = out * top_k_weights.reshape(-1)[rows_by_expert].unsqueeze(-1).to(out.dtype)
     out = _CombineFromExperts.apply(out, rows_by_expert, row_positions)
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def apex_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The cheapest of batched_mm, every expert and grouped GEMMs for this many tokens (see above)."""
+    # Expert parallelism routes foreign tokens to sentinel ids, which transformers' forward masks. transformers >= 5.23
+    # flags it; 5.17 - 5.22 only shrink `num_experts` to this rank's experts.
+    if getattr(self, "_is_expert_parallel", self.num_experts < self.config.num_experts):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_tokens, top_k = top_k_index.shape
+    if num_tokens * top_k < self.num_experts:  # fewer weight copies than there are experts
+        return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if num_tokens <= EVERY_EXPERT_MAX_TOKENS:
+        return _every_expert_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 # Registered with transformers, which accepts an `experts_implementation` only if its interface knows the name.

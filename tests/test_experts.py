@@ -58,13 +58,17 @@ def check_against_eager(variant, num_tokens, monkeypatch, device="cpu", dtype=to
     """fp32: equal to the eager loop up to rounding. Lower precision: as close to the fp32 eager loop as the eager
     loop in that precision is. `compiled`: the fast path under torch.compile (which path runs is checked eagerly)."""
     paths = []
-    for name, label in [("_every_expert_forward", "every expert"), ("batched_mm_experts_forward", "batched_mm")]:
+    for name, label in [
+        ("batched_mm_experts_forward", "batched_mm"),
+        ("_every_expert_forward", "every expert"),
+        ("_grouped_experts_forward", "grouped"),
+    ]:
         function = getattr(modeling_apex, name)
         if not compiled:
             monkeypatch.setattr(modeling_apex, name, lambda *args, f=function, p=label: paths.append(p) or f(*args))
     experts, inputs = experts_case(variant, num_tokens, device, dtype)
     fast = forward_and_gradients(experts, inputs, "apex_grouped_mm", compiled)
-    assert compiled or (paths or ["grouped"]) == [PATHS[num_tokens]]
+    assert compiled or paths == [PATHS[num_tokens]]
     if dtype == torch.float32:
         assert_close_as_reference(forward_and_gradients(experts, inputs, "eager"), fast)
         return
