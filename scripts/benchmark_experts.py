@@ -12,10 +12,10 @@ path, on one GPU: where `apex_grouped_mm` takes its thresholds from.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 
 import torch
+from benchmark import timed  # scripts/benchmark.py: the same warm-up, synchronize and average
 from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
 
 from apex_hf.modeling.modeling_apex import ApexExperts, _every_expert_forward, _grouped_experts_forward
@@ -43,18 +43,7 @@ def cuda_graph_ms(call: Callable[[], object], replays: int = 100) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    return timed_ms(graph.replay, replays)
-
-
-def timed_ms(call: Callable[[], object], steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
+    return timed(graph.replay, warmup=3, steps=replays) * 1e3
 
 
 def layer_and_routing(num_tokens: int, requires_grad: bool = False) -> tuple[ApexExperts, list[torch.Tensor]]:
@@ -97,7 +86,7 @@ def training_table() -> str:
     for name in ("transformers grouped_mm", "apex grouped"):
         cells = []
         for path in (PATHS[name], torch.compile(PATHS[name])):
-            cells.append(f"{timed_ms(backward_step(path, experts, inputs), steps=20):.2f} ms")
+            cells.append(f"{timed(backward_step(path, experts, inputs), warmup=3, steps=20) * 1e3:.2f} ms")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
