@@ -89,18 +89,19 @@ def reference_flops_per_token(model: torch.nn.Module, seq_len: int) -> int:
 
 
 def build(name: str, experts: str | None, seq_len: int) -> tuple[torch.nn.Module, int]:
-    """The model on the GPU in fp32 (training) and its FLOPs per token at the benchmark's sequence length."""
+    """The model in fp32 (training), initialized on the GPU, and its FLOPs per token at the benchmark's sequence
+    length."""
     if name.startswith("apex:"):
         config = get_preset(name.removeprefix("apex:"))
-        model = ApexForCausalLM._from_config(config, attn_implementation="sdpa", experts_implementation=experts)
-        flops = count(config, seq_len=seq_len).train_flops_per_token
-    else:
-        config = reference_configs()[name]
-        model_class = Qwen3MoeForCausalLM if name == "qwen3_moe" else LlamaForCausalLM
-        kwargs = {"experts_implementation": experts} if name == "qwen3_moe" and experts else {}
+        with torch.device("cuda"):
+            model = ApexForCausalLM._from_config(config, attn_implementation="sdpa", experts_implementation=experts)
+        return model, count(config, seq_len=seq_len).train_flops_per_token
+    config = reference_configs()[name]
+    model_class = Qwen3MoeForCausalLM if name == "qwen3_moe" else LlamaForCausalLM
+    kwargs = {"experts_implementation": experts} if name == "qwen3_moe" and experts else {}
+    with torch.device("cuda"):
         model = model_class._from_config(config, attn_implementation="sdpa", **kwargs)
-        flops = reference_flops_per_token(model, seq_len)
-    return model.to("cuda"), flops
+    return model, reference_flops_per_token(model, seq_len)
 
 
 def timed(step: Callable[[], None], warmup: int, steps: int) -> float:
@@ -177,10 +178,10 @@ def measure_lora(preset: str, args: argparse.Namespace) -> dict:
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(LORA_MEMORY_GIB * 2**30 / total)
-    config = get_preset(preset)
-    model = ApexForCausalLM._from_config(
-        config, attn_implementation="sdpa", experts_implementation=args.experts, dtype=torch.bfloat16
-    ).to("cuda")
+    with torch.device("cuda"):
+        model = ApexForCausalLM._from_config(
+            get_preset(preset), attn_implementation="sdpa", experts_implementation=args.experts, dtype=torch.bfloat16
+        )
     model.gradient_checkpointing_enable()
     experts = model.config._experts_implementation
     row = {"model": f"lora:{preset}", "experts": experts, "training": f"LoRA, {LORA_MEMORY_GIB} GiB cap"}
@@ -270,12 +271,13 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
     command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(args.out)]
     command += [] if args.train else ["--no-train"]
+    start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     rows = [line.removeprefix(ROW_PREFIX) for line in result.stdout.splitlines() if line.startswith(ROW_PREFIX)]
     if result.returncode != 0 or not rows:
         print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
         raise SystemExit(f"measuring {name} ({mode}) failed with exit code {result.returncode}")
-    print(rows[0], flush=True)
+    print(f"{rows[0]}  ({time.perf_counter() - start:.0f} s)", flush=True)
     return json.loads(rows[0])
 
 
