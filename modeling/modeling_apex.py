@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -495,6 +496,19 @@ def _every_expert_forward(self, hidden_states, top_k_index, top_k_weights):
     return torch.einsum("te,eth->th", mixing, out)
 
 
+def _gathered_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Each (token, expert) pair multiplied into its expert's weight rows and summed over the input features.
+    Compiled, each projection becomes one reduction kernel that reads the chosen experts' rows where they lie, where
+    batched_mm copies them first; eagerly it would materialize every product, so only compiled code takes it."""
+    gate_up = (self.gate_up_proj[top_k_index] * hidden_states[:, None, None, :]).sum(-1)  # (tokens, k, 2 * inter.)
+    if self.has_bias:
+        gate_up = gate_up + self.gate_up_proj_bias[top_k_index]
+    out = (self.down_proj[top_k_index] * self._apply_gate(gate_up).unsqueeze(-2)).sum(-1)  # (tokens, k, hidden)
+    if self.has_bias:
+        out = out + self.down_proj_bias[top_k_index]
+    return (out * top_k_weights.unsqueeze(-1).to(out.dtype)).sum(dim=1).to(hidden_states.dtype)
+
+
 def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Tokens permuted into per-expert groups, two grouped GEMMs, weighted and permuted back."""
     num_tokens, top_k = top_k_index.shape
@@ -526,7 +540,9 @@ def apex_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weig
     if getattr(self, "_is_expert_parallel", self.num_experts < self.config.num_experts):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, top_k = top_k_index.shape
-    if num_tokens * top_k < self.num_experts:  # fewer weight copies than there are experts
+    if num_tokens * top_k < self.num_experts:  # fewer chosen experts' weights to read than there are experts
+        if is_compiling():
+            return _gathered_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if num_tokens <= EVERY_EXPERT_MAX_TOKENS:
         return _every_expert_forward(self, hidden_states, top_k_index, top_k_weights)

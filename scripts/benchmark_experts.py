@@ -1,8 +1,9 @@
 """One MoE layer of the benchmark preset (64 experts of width 768, top-8, hidden 2048, bf16) through each experts
 path, on one GPU: where `apex_grouped_mm` takes its thresholds from.
 
-* Decode-sized calls (1, 8, 32, 128 tokens), each replayed as a CUDA graph, as compiled static-cache decoding runs
-  them: transformers' batched_mm and grouped_mm forwards, and Apex's every-expert and grouped paths.
+* Decode-sized calls (1 to 128 tokens), each replayed as a CUDA graph, eager and compiled (compiled static-cache
+  decoding runs them compiled): transformers' batched_mm and grouped_mm forwards, and Apex's every-expert and grouped
+  paths, and its gathered path, which only compiled code takes.
 * A training-sized call (8 x 2048 tokens), forward + backward, eager and compiled: transformers' grouped_mm forward
   against Apex's grouped path.
 
@@ -18,7 +19,12 @@ import torch
 from benchmark import timed  # scripts/benchmark.py: the same warm-up, synchronize and average
 from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
 
-from apex_hf.modeling.modeling_apex import ApexExperts, _every_expert_forward, _grouped_experts_forward
+from apex_hf.modeling.modeling_apex import (
+    ApexExperts,
+    _every_expert_forward,
+    _gathered_experts_forward,
+    _grouped_experts_forward,
+)
 from apex_hf.presets import get_preset
 
 
@@ -28,7 +34,8 @@ PATHS = {
     "apex every expert": _every_expert_forward,
     "apex grouped": _grouped_experts_forward,
 }
-DECODE_TOKENS = (1, 8, 32, 128)
+COMPILED_ONLY_PATHS = {"apex gathered": _gathered_experts_forward}
+DECODE_TOKENS = (1, 4, 8, 32, 128)
 TRAIN_TOKENS = 8 * 2048
 
 
@@ -66,15 +73,17 @@ def backward_step(path: Callable, experts: ApexExperts, inputs: list[torch.Tenso
 
 
 @torch.no_grad()
-def decode_table() -> str:
+def decode_table(compiled: bool) -> str:
     lines = [
         "| path | " + " | ".join(f"{t} tokens" for t in DECODE_TOKENS) + " |",
         "|---" * (1 + len(DECODE_TOKENS)) + "|",
     ]
-    cells = {name: [] for name in PATHS}
+    paths = {**PATHS, **COMPILED_ONLY_PATHS} if compiled else PATHS
+    paths = {name: torch.compile(path, dynamic=False) if compiled else path for name, path in paths.items()}
+    cells = {name: [] for name in paths}
     for num_tokens in DECODE_TOKENS:
         experts, inputs = layer_and_routing(num_tokens)
-        for name, path in PATHS.items():
+        for name, path in paths.items():
             cells[name].append(f"{cuda_graph_ms(functools.partial(path, experts, *inputs)):.3f} ms")
     lines += [f"| {name} | " + " | ".join(row) + " |" for name, row in cells.items()]
     return "\n".join(lines)
@@ -95,7 +104,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("scripts/benchmark_experts.py measures a CUDA GPU; none is available")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
-    print(f"Decode-sized calls, one layer, per CUDA-graph replay:\n\n{decode_table()}\n")
+    for compiled in (False, True):
+        mode = "compiled" if compiled else "eager"
+        print(f"Decode-sized calls, one layer, {mode}, per CUDA-graph replay:\n\n{decode_table(compiled)}\n")
     print(f"{TRAIN_TOKENS} tokens, one layer, forward + backward:\n\n{training_table()}")
 
 

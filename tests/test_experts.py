@@ -1,6 +1,6 @@
 """Apex's own experts implementation, "apex_grouped_mm", against the eager loop, forward and gradients, on each of
-its paths: batched_mm for a few (token, expert) pairs, every expert on every token for decode-sized batches, and
-tokens permuted into grouped GEMMs."""
+its paths: batched_mm for a few (token, expert) pairs (a gathered reduction under torch.compile), every expert on
+every token for decode-sized batches, and tokens permuted into grouped GEMMs."""
 
 import copy
 
@@ -12,8 +12,9 @@ from apex_hf import ApexForCausalLM
 from apex_hf.modeling import modeling_apex
 
 
-# 8 experts, top-2: one token chooses 2 pairs (< 8 experts), 40 tokens 80, 300 tokens exceed EVERY_EXPERT_MAX_TOKENS.
-PATHS = {1: "batched_mm", 40: "every expert", 300: "grouped"}
+# 8 experts, top-2: 3 tokens choose 6 pairs (< 8 experts), 40 tokens 80, 300 tokens exceed EVERY_EXPERT_MAX_TOKENS.
+PATHS = {3: "batched_mm", 40: "every expert", 300: "grouped"}
+TRACED_PATHS = {**PATHS, 3: "gathered"}  # the paths compiled code takes
 
 
 def experts_case(variant, num_tokens, device="cpu", dtype=torch.float32):
@@ -54,12 +55,18 @@ def assert_close_as_reference(exact, fast, reference=None, tolerance=1e-5):
         assert error <= bound, f"{name}: relative error {error:.3g} > {bound:.3g}"
 
 
-def check_against_eager(variant, num_tokens, monkeypatch, device="cpu", dtype=torch.float32, compiled=False):
+def check_against_eager(
+    variant, num_tokens, monkeypatch, device="cpu", dtype=torch.float32, compiled=False, traced=False
+):
     """fp32: equal to the eager loop up to rounding. Lower precision: as close to the fp32 eager loop as the eager
-    loop in that precision is. `compiled`: the fast path under torch.compile (which path runs is checked eagerly)."""
+    loop in that precision is. `compiled`: the fast path under torch.compile (which path runs is checked eagerly);
+    `traced`: eagerly, the path compiled code would take."""
+    if traced:
+        monkeypatch.setattr(modeling_apex, "is_compiling", lambda: True)
     paths = []
     for name, label in [
         ("batched_mm_experts_forward", "batched_mm"),
+        ("_gathered_experts_forward", "gathered"),
         ("_every_expert_forward", "every expert"),
         ("_grouped_experts_forward", "grouped"),
     ]:
@@ -68,7 +75,7 @@ def check_against_eager(variant, num_tokens, monkeypatch, device="cpu", dtype=to
             monkeypatch.setattr(modeling_apex, name, lambda *args, f=function, p=label: paths.append(p) or f(*args))
     experts, inputs = experts_case(variant, num_tokens, device, dtype)
     fast = forward_and_gradients(experts, inputs, "apex_grouped_mm", compiled)
-    assert compiled or paths == [PATHS[num_tokens]]
+    assert compiled or paths == [(TRACED_PATHS if traced else PATHS)[num_tokens]]
     if dtype == torch.float32:
         assert_close_as_reference(forward_and_gradients(experts, inputs, "eager"), fast)
         return
@@ -82,6 +89,12 @@ def check_against_eager(variant, num_tokens, monkeypatch, device="cpu", dtype=to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_apex_grouped_mm_experts_match_eager(variant, num_tokens, dtype, monkeypatch):
     check_against_eager(variant, num_tokens, monkeypatch, dtype=dtype)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "family_knobs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_code_gathers_few_pairs_and_matches_eager(variant, dtype, monkeypatch):
+    check_against_eager(variant, 3, monkeypatch, dtype=dtype, traced=True)
 
 
 @pytest.mark.parametrize("flag", ["_is_expert_parallel", "num_experts"])
