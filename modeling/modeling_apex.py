@@ -27,7 +27,6 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import (
     ExpertsInterface,
     _grouped_linear,
-    batched_mm_experts_forward,
     grouped_mm_experts_forward,
 )
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -443,12 +442,14 @@ class ApexMLP(nn.Module):
 #  * is swapped by `generate` for batched_mm, which copies the chosen expert's weights for every (token, expert)
 #    pair: 1.45 ms per layer at batch 32, where reading every expert once takes 0.18 ms.
 # So Apex keeps torch's grouped GEMM for many tokens with its own gathers around it, and picks the cheapest path for
-# few tokens itself (CUDA-graph timings per layer, batch 1 / 8 / 32 / 128):
-#   batched_mm (per-pair weight copies)   0.08 / 0.45 / 1.45 / 5.50 ms
-#   grouped GEMM                          0.09 / 0.23 / 0.30 / 0.30 ms
-#   every expert on every token           0.16 / 0.17 / 0.18 / 0.24 ms
-# Every expert wins once the pairs cover the experts, while the call stays memory-bound: up to
-# `EVERY_EXPERT_MAX_TOKENS` tokens its arithmetic intensity is below Hopper's ~200 FLOP per byte.
+# few tokens itself. CUDA-graph timings per layer in ms, eager | compiled, at 1 / 4 / 8 / 32 / 128 tokens:
+#   batched_mm (per-pair weight copies)   0.08 0.25 0.44 1.44 5.45 | 0.07 0.24 0.45 1.71 6.66
+#   grouped GEMM                          0.09 0.16 0.22 0.30 0.30 | 0.06 0.12 0.19 0.25 0.28
+#   every expert on every token           0.16 0.16 0.17 0.18 0.24 | 0.16 0.16 0.16 0.17 0.20
+#   gathered reduction                                             | 0.04 0.11 0.21 0.78 3.06
+# Every expert wins once the (token, expert) pairs cover the experts, while the call stays memory-bound: up to
+# `EVERY_EXPERT_MAX_TOKENS` tokens its arithmetic intensity is below Hopper's ~200 FLOP per byte. With fewer pairs,
+# compiled code (static-cache decoding) gathers the chosen rows, and eager code groups.
 EVERY_EXPERT_MAX_TOKENS = 128
 
 
@@ -534,17 +535,16 @@ def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 
 def apex_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """The cheapest of batched_mm, every expert and grouped GEMMs for this many tokens (see above)."""
+    """The cheapest of the gathered reduction, every expert and grouped GEMMs for this many tokens (see above)."""
     # Expert parallelism routes foreign tokens to sentinel ids, which transformers' forward masks. transformers >= 5.23
     # flags it; 5.17 - 5.22 only shrink `num_experts` to this rank's experts.
     if getattr(self, "_is_expert_parallel", self.num_experts < self.config.num_experts):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, top_k = top_k_index.shape
-    if num_tokens * top_k < self.num_experts:  # fewer chosen experts' weights to read than there are experts
-        if is_compiling():
-            return _gathered_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if num_tokens <= EVERY_EXPERT_MAX_TOKENS:
+    pairs_cover_experts = num_tokens * top_k >= self.num_experts
+    if not pairs_cover_experts and is_compiling():
+        return _gathered_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if pairs_cover_experts and num_tokens <= EVERY_EXPERT_MAX_TOKENS:
         return _every_expert_forward(self, hidden_states, top_k_index, top_k_weights)
     return _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 

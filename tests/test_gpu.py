@@ -56,7 +56,7 @@ def test_expert_kernels_match_eager_forward_and_gradients(variant, experts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_apex_grouped_mm_experts_paths_match_eager(variant, num_tokens, dtype, compiled, monkeypatch):
-    """Each path of Apex's experts (batched_mm, every expert, grouped GEMMs) on the GPU's kernels, as is
+    """Each path of Apex's experts (gathered, every expert, grouped GEMMs) on the GPU's kernels, as is
     and under torch.compile; the routing is fixed, so bf16 rounding cannot flip an expert choice."""
     check_against_eager(variant, num_tokens, monkeypatch, "cuda", dtype, compiled)
 
@@ -171,7 +171,7 @@ def test_regionally_compiled_layers_match_eager_forward_and_gradients(dtype):
         assert_close_as_reference(exact, fast, logits_and_gradients(build("gqa", dtype, **kwargs).train()))
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # decode steps through batched_mm (2 pairs, 4 experts), and every expert
+@pytest.mark.parametrize("batch", [1, 2])  # compiled decode steps gather (2 pairs, 4 experts), or run every expert
 def test_static_cache_compiled_generation_matches_eager(batch):
     """transformers compiles the forward for static-cache generation on a GPU; the tokens must not change."""
     model = build("gqa", attn="sdpa", experts="apex_grouped_mm")
