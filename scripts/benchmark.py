@@ -46,6 +46,7 @@ from apex_hf.presets import get_preset
 
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
+DECODE_BATCHES = (1, 32)
 
 
 def reference_configs() -> dict[str, object]:
@@ -154,6 +155,12 @@ def greedy_generation(model: torch.nn.Module, batch: int, static: bool) -> Calla
     return lambda: model.generate(prompt, **kwargs)
 
 
+def for_decoding(model: torch.nn.Module) -> torch.nn.Module:
+    """The trained model as it is served: bf16 weights, eval mode, no router logits."""
+    model.config.output_router_logits = False
+    return model.to(torch.bfloat16).eval()
+
+
 def decode(model: torch.nn.Module, batch: int, static: bool) -> float:
     seconds = timed(greedy_generation(model, batch, static), warmup=2 if static else 1, steps=2)
     return batch * NEW_TOKENS / seconds
@@ -215,9 +222,8 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     torch.cuda.empty_cache()
     if compiled:  # compiled layers would recompile for every decode shape; decode has its own compile path
         return row
-    model = model.to(torch.bfloat16).eval()
-    model.config.output_router_logits = False
-    for batch in (1, 32):
+    model = for_decoding(model)
+    for batch in DECODE_BATCHES:
         row[f"decode_b{batch}_dynamic"] = round(decode(model, batch, static=False), 1)
         try:  # transformers compiles the forward itself when generating with a static cache on a GPU
             row[f"decode_b{batch}_static_compile"] = round(decode(model, batch, static=True), 1)
@@ -252,9 +258,8 @@ def profile(name: str, compiled: bool, args: argparse.Namespace, rows: int = 25)
     report = [f"### {name}: one training step ({'compiled layers' if compiled else 'eager'})", top_kernels(step, rows)]
     if compiled:
         return "\n\n".join(report)
-    model = model.to(torch.bfloat16).eval()
-    model.config.output_router_logits = False
-    for batch in (1, 32):
+    model = for_decoding(model)
+    for batch in DECODE_BATCHES:
         generate = greedy_generation(model, batch, static=True)
         timed(generate, warmup=2, steps=1)
         report += [f"### {name}: static-cache decode, batch {batch}", top_kernels(generate, rows)]
@@ -300,7 +305,8 @@ def table(rows: list[dict]) -> str:
                 f"{r['train_peak_gib']:.1f}",
             ]
         decode_cells = [
-            f"{r.get(f'decode_b{b}_dynamic', '-')} / {r.get(f'decode_b{b}_static_compile', '-')}" for b in (1, 32)
+            f"{r.get(f'decode_b{b}_dynamic', '-')} / {r.get(f'decode_b{b}_static_compile', '-')}"
+            for b in DECODE_BATCHES
         ]
         lines.append(f"| {r['model']} | {r['training']} | " + " | ".join(training_cells + decode_cells) + " |")
     return "\n".join(lines)
