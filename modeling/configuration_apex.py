@@ -23,6 +23,8 @@ MLP_LAYER_TYPES = ("dense", "sparse")
 ROUTER_SCORING = ("softmax", "sigmoid")
 ATTENTION_OUTPUT_GATES = ("none", "headwise", "elementwise")
 MEMORY_INJECTIONS = ("none", "gated_add", "cross_attention")
+REFINEMENT_INPUT_INJECTIONS = ("none", "add", "adapter")
+REFINEMENT_SAMPLINGS = ("fixed", "uniform", "poisson")
 # "dynamic" grows its frequencies past the trained length; every other type has a hard maximum position.
 ROPE_TYPES_WITHOUT_LENGTH_LIMIT = ("dynamic",)
 
@@ -128,6 +130,20 @@ class ApexConfig(PreTrainedConfig):
             halting target that needs no labels, so generation can skip passes where it is confident.
         consistency_loss_coef: weight of `1 - cos(h_k, h_{k+1})` between consecutive passes (pushes the loop towards
             a fixed point, which makes early exit safe).
+
+    Loop training recipe (read by `ApexModel.forward` in training mode, i.e. `model.train()` with gradients on, so
+    every trainer gets it; evaluation and generation always run `num_refinement_steps` or the per-call value):
+        refinement_input_injection: how the prelude output e re-enters every pass after the first (Huginn's input
+            injection, which keeps the loop anchored to its input): `"none"`, `"add"` (h + e) or `"adapter"`
+            (`W [h; e]`, initialised to h + e). With K = 1 it never runs, so conversion parity is unaffected.
+        refinement_sampling: passes per training forward: `"fixed"` (num_refinement_steps), `"uniform"` (an integer
+            in [refinement_sampling_min, refinement_sampling_max]) or `"poisson"` (1 + Poisson(num_refinement_steps -
+            1), clipped to those bounds). Training at several depths is what lets inference choose K. The draw
+            depends only on a counter of training forwards, so every data-parallel rank runs the same K.
+        refinement_sampling_min / refinement_sampling_max: bounds of the draw; default 1 and max_refinement_steps.
+        refinement_backprop_steps: backpropagate through only the last n passes (truncated backpropagation through
+            the loop, as Huginn); earlier passes run without gradients, which saves their activations and backward.
+            `None` = all passes.
         Auxiliary losses (verifier, consistency, router z-loss) are attached to the activations with an identity
         autograd function that adds their gradient in backward, so they also train when a trainer (TRL) runs only
         the backbone and its own LM head. Their values are kept in `ApexModel.aux_losses` for logging.
@@ -246,6 +262,11 @@ class ApexConfig(PreTrainedConfig):
     refinement_dim: int | None = None
     verifier_loss_coef: float = 0.1
     consistency_loss_coef: float = 0.0
+    refinement_input_injection: str = "none"
+    refinement_sampling: str = "fixed"
+    refinement_sampling_min: int = 1
+    refinement_sampling_max: int | None = None
+    refinement_backprop_steps: int | None = None
 
     # optional heads
     num_mtp_layers: int = 0
@@ -258,6 +279,8 @@ class ApexConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.max_refinement_steps is None:
             self.max_refinement_steps = self.num_refinement_steps
+        if self.refinement_sampling_max is None:
+            self.refinement_sampling_max = self.max_refinement_steps
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
         if self.attention_type == "mla":
@@ -520,6 +543,31 @@ class ApexConfig(PreTrainedConfig):
             self.memory_injection in MEMORY_INJECTIONS, "memory_injection", self.memory_injection, MEMORY_INJECTIONS
         )
         _require(self.refinement_dim >= 1, "refinement_dim", self.refinement_dim, ">= 1")
+        _require(
+            self.refinement_input_injection in REFINEMENT_INPUT_INJECTIONS,
+            "refinement_input_injection",
+            self.refinement_input_injection,
+            REFINEMENT_INPUT_INJECTIONS,
+        )
+        _require(
+            self.refinement_sampling in REFINEMENT_SAMPLINGS,
+            "refinement_sampling",
+            self.refinement_sampling,
+            REFINEMENT_SAMPLINGS,
+        )
+        _require(
+            1 <= self.refinement_sampling_min <= self.refinement_sampling_max <= self.max_refinement_steps,
+            "refinement_sampling_min/max",
+            (self.refinement_sampling_min, self.refinement_sampling_max),
+            f"1 <= min <= max <= max_refinement_steps={self.max_refinement_steps}",
+        )
+        if self.refinement_backprop_steps is not None:
+            _require(
+                self.refinement_backprop_steps >= 1,
+                "refinement_backprop_steps",
+                self.refinement_backprop_steps,
+                ">= 1 or None (all passes)",
+            )
         _require(self.num_mtp_layers >= 0, "num_mtp_layers", self.num_mtp_layers, ">= 0")
 
     def _validate_unrolled_list(self, field: str):

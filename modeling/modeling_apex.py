@@ -1,7 +1,8 @@
 """Apex: a hybrid Mixture-of-Experts + iterative-refinement decoder, as a transformers 5 model.
 
 The file reads top to bottom: norm -> rope -> attention (GQA, MLA) -> dense MLP -> experts -> router -> MoE block ->
-decoder layer -> refinement (verifier + spiral memory) -> model -> multi-token prediction -> causal-LM head.
+decoder layer -> refinement (verifier + spiral memory, input injection) -> model -> multi-token prediction ->
+causal-LM head.
 
 Physical stack: `num_prelude_layers` -> `num_core_layers` run K times -> `num_coda_layers`. Each pass of the core is
 one *unrolled* layer: it owns its own KV-cache slot (`cache_index`) and `layer_types` entry, so transformers'
@@ -50,6 +51,35 @@ except ImportError:  # transformers 5.17 - 5.22 inline the same slicing in every
     def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return hidden_states[:, keep, :]
+
+
+# transformers 5.25 renamed the cache from `past_key_values` to `cache`, in model forwards and in output classes (the
+# old name stays deprecated until 5.40). Hub users run whatever version they have: Apex takes the cache under either
+# name, returns it under the installed version's name (where `generate` looks for it) and hands it to its decoder
+# layers under that name too (where `GradientCheckpointingLayer` drops it while recomputing).
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# The keywords a forward takes beyond its named arguments: transformers' own (attention backends, output flags, loss
+# normalisation) and the loss function's `shift_labels`. Any other keyword is an error: swallowed by `**kwargs`, a
+# renamed argument (as the cache was in 5.25) would silently do nothing.
+ACCEPTED_FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | {"shift_labels"}
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None:
+        raise ValueError(
+            "Pass the KV cache as `cache` or as `past_key_values` (its name before transformers 5.25), not both"
+        )
+    return cache if cache is not None else past_key_values
+
+
+def check_forward_kwargs(forward_owner: str, kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - ACCEPTED_FORWARD_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"{forward_owner}.forward() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; besides "
+            f"its named arguments it takes only transformers' keywords: {', '.join(sorted(ACCEPTED_FORWARD_KWARGS))}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -757,8 +787,9 @@ class ApexDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_index: int | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
@@ -766,7 +797,7 @@ class ApexDecoderLayer(GradientCheckpointingLayer):
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
+            past_key_values=resolve_cache_argument(cache, past_key_values),
             cache_index=cache_index,
             **kwargs,
         )
@@ -842,6 +873,23 @@ class ApexRefinement(nn.Module):
         return hidden_states + self.memory_gate * read
 
 
+class ApexInputInjection(nn.Module):
+    """Re-injects the prelude output e into every pass after the first (Huginn's input injection): `"add"` gives
+    h + e, `"adapter"` gives `W [h; e]` with W initialised to [I, I], i.e. h + e, free to learn a mix. Without it a
+    pass sees its input only through the previous pass, and the loop can drift from the sequence it reads."""
+
+    def __init__(self, config: ApexConfig):
+        super().__init__()
+        self.mode = config.refinement_input_injection
+        if self.mode == "adapter":  # a bare parameter, not nn.Linear: its [I, I] start is its only initialisation
+            self.adapter_weight = nn.Parameter(torch.empty(config.hidden_size, 2 * config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, prelude_output: torch.Tensor) -> torch.Tensor:
+        if self.mode == "add":
+            return hidden_states + prelude_output
+        return F.linear(torch.cat((hidden_states, prelude_output), dim=-1), self.adapter_weight)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Pre-trained model base
 
@@ -868,7 +916,7 @@ class ApexPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ApexDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # the cache under its names from 5.25 and before
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
@@ -922,6 +970,9 @@ class ApexPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, f"{layer_type}_original_inv_freq"), inv_freq)
         elif isinstance(module, ApexModel) and hasattr(module, "pass_gates"):
             init.ones_(module.pass_gates)  # every pass at full strength; upcycling sets the gates to zero
+        elif isinstance(module, ApexInputInjection) and module.mode == "adapter":
+            hidden = module.adapter_weight.shape[0]
+            init.copy_(module.adapter_weight, torch.eye(hidden).repeat(1, 2))  # h + e
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -939,6 +990,9 @@ class ApexModel(ApexPreTrainedModel):
             self.refinement = ApexRefinement(config)
         if config.refinement_pass_gate and config.max_refinement_steps > 1:
             self.pass_gates = nn.Parameter(torch.ones(config.max_refinement_steps - 1, config.hidden_size))
+        if config.refinement_input_injection != "none" and config.max_refinement_steps > 1:
+            self.input_injection = ApexInputInjection(config)
+        self._training_forwards = 0  # drives the draw of passes per training forward (`refinement_sampling`)
         self.norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ApexRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -954,18 +1008,23 @@ class ApexModel(ApexPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_refinement_steps: int | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ApexModelOutputWithPast:
         r"""
+        cache / past_key_values (`Cache`, *optional*):
+            The KV cache, under its transformers >= 5.25 name or its earlier one (one of the two).
         num_refinement_steps (`int`, *optional*):
             Passes of the shared core for this call, between 1 and `config.max_refinement_steps` (the passes the
             cache has slots for). Defaults to `config.num_refinement_steps`. Keep it fixed within one generation.
         """
         config = self.config
+        check_forward_kwargs(type(self).__name__, kwargs)
+        past_key_values = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         num_passes = self._resolve_refinement_steps(num_refinement_steps)
@@ -984,16 +1043,11 @@ class ApexModel(ApexPreTrainedModel):
             self._update_router_biases()
 
         if not isinstance(causal_mask_mapping := attention_mask, dict):
-            mask_kwargs = {
-                "config": config,
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
-                "position_ids": position_ids,
-            }
-            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            # Positional: the cache argument is `past_key_values` before transformers 5.25 and `cache` from then on.
+            mask_args = (config, inputs_embeds, attention_mask, past_key_values, position_ids)
+            causal_mask_mapping = {"full_attention": create_causal_mask(*mask_args)}
             if "sliding_attention" in config.layer_types:
-                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(*mask_args)
 
         position_embeddings = self.position_embeddings(inputs_embeds, position_ids)
 
@@ -1003,8 +1057,8 @@ class ApexModel(ApexPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask_mapping[layer_type],
                 position_embeddings=position_embeddings[layer_type],
-                past_key_values=past_key_values,
                 cache_index=unrolled_index,
+                **{CACHE_NAME: past_key_values},
                 position_ids=position_ids,  # flash attention reads packed documents from them (it takes no mask)
                 **kwargs,
             )
@@ -1015,21 +1069,27 @@ class ApexModel(ApexPreTrainedModel):
             hidden_states = run_layer(hidden_states, unrolled_index)
 
         refinement = getattr(self, "refinement", None)
+        input_injection = getattr(self, "input_injection", None)
+        prelude_output = hidden_states
         anchor_features = refinement.encode_anchor(hidden_states) if refinement is not None else None
         pass_states, verifier_scores, memories = [], [], []
+        grad_enabled, first_backprop_pass = torch.is_grad_enabled(), self._first_backprop_pass(num_passes)
         for step in range(num_passes):
-            pass_input = hidden_states
-            if step > 0 and refinement is not None:
-                hidden_states = refinement.inject(hidden_states, memories)
-            for core_index in range(core):
-                hidden_states = run_layer(hidden_states, prelude + step * core + core_index)
-            if step > 0 and hasattr(self, "pass_gates"):
-                hidden_states = pass_input + self.pass_gates[step - 1] * (hidden_states - pass_input)
-            pass_states.append(hidden_states)
-            if refinement is not None:
-                score, memory = refinement(hidden_states, anchor_features, memories[-1] if memories else None)
-                verifier_scores.append(score)
-                memories.append(memory)
+            with torch.set_grad_enabled(grad_enabled and step >= first_backprop_pass):
+                pass_input = hidden_states
+                if step > 0 and refinement is not None:
+                    hidden_states = refinement.inject(hidden_states, memories)
+                if step > 0 and input_injection is not None:
+                    hidden_states = input_injection(hidden_states, prelude_output)
+                for core_index in range(core):
+                    hidden_states = run_layer(hidden_states, prelude + step * core + core_index)
+                if step > 0 and hasattr(self, "pass_gates"):
+                    hidden_states = pass_input + self.pass_gates[step - 1] * (hidden_states - pass_input)
+                pass_states.append(hidden_states)
+                if refinement is not None:
+                    score, memory = refinement(hidden_states, anchor_features, memories[-1] if memories else None)
+                    verifier_scores.append(score)
+                    memories.append(memory)
 
         if refinement is not None:
             hidden_states = refinement.inject(hidden_states, memories)
@@ -1041,7 +1101,7 @@ class ApexModel(ApexPreTrainedModel):
 
         return ApexModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: past_key_values},
             verifier_scores=tuple(verifier_scores),
             memory_states=tuple(memories),
         )
@@ -1060,8 +1120,15 @@ class ApexModel(ApexPreTrainedModel):
             return {layer_type: shared for layer_type in set(self.config.layer_types)}
         return {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(self.config.layer_types)}
 
+    def _trains_loop(self) -> bool:
+        """The loop training recipe applies to training forwards only: never in eval, never without gradients
+        (generation inside a trainer, e.g. GRPO's rollouts, runs the model in train mode under no_grad)."""
+        return self.training and torch.is_grad_enabled()
+
     def _resolve_refinement_steps(self, num_refinement_steps: int | None) -> int:
         if num_refinement_steps is None:
+            if self._trains_loop() and self.config.refinement_sampling != "fixed":
+                return self._sample_training_passes()
             return self.config.num_refinement_steps
         if not 1 <= num_refinement_steps <= self.config.max_refinement_steps:
             raise ValueError(
@@ -1069,6 +1136,26 @@ class ApexModel(ApexPreTrainedModel):
                 f"1..{self.config.max_refinement_steps} passes (config.max_refinement_steps)"
             )
         return num_refinement_steps
+
+    def _sample_training_passes(self) -> int:
+        """Passes for this training forward (`refinement_sampling`). The generator is seeded with the count of training
+        forwards, not the global RNG, so every data-parallel rank draws the same K and runs the same collectives."""
+        config = self.config
+        self._training_forwards += 1
+        generator = torch.Generator().manual_seed(self._training_forwards)
+        low, high = config.refinement_sampling_min, config.refinement_sampling_max
+        if config.refinement_sampling == "uniform":
+            return int(torch.randint(low, high + 1, (), generator=generator))
+        mean_extra = torch.tensor(float(config.num_refinement_steps - 1))
+        return min(max(1 + int(torch.poisson(mean_extra, generator=generator)), low), high)
+
+    def _first_backprop_pass(self, num_passes: int) -> int:
+        """Truncated backpropagation through the loop (`refinement_backprop_steps`): passes before this one run
+        without gradients."""
+        keep = self.config.refinement_backprop_steps
+        if keep is None or not self._trains_loop():
+            return 0
+        return max(num_passes - keep, 0)
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
@@ -1255,15 +1342,17 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_refinement_steps: int | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ApexCausalLMOutputWithPast:
+        check_forward_kwargs(type(self).__name__, kwargs)
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -1271,7 +1360,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -1309,7 +1398,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
@@ -1334,12 +1423,12 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             positions = position_ids[:, :length]
             sliding = last_layer_type == "sliding_attention"
             mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
-            mask = mask_function(
-                config=self.config,
-                inputs_embeds=hidden_states[:, :length],
-                attention_mask=attention_mask[:, :length] if isinstance(attention_mask, torch.Tensor) else None,
-                past_key_values=None,
-                position_ids=positions,
+            mask = mask_function(  # positional: see ApexModel.forward
+                self.config,
+                hidden_states[:, :length],
+                attention_mask[:, :length] if isinstance(attention_mask, torch.Tensor) else None,
+                None,
+                positions,
             )
             hidden_states = predictor(
                 hidden_states[:, :length],

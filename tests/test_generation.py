@@ -97,3 +97,31 @@ def test_logits_to_keep(model):
     last = model(ids, logits_to_keep=1).logits
     assert last.shape == (2, 1, 97)
     assert torch.allclose(full[:, -1:], last, atol=1e-6)
+
+
+def test_the_cache_is_taken_under_both_names_and_returned_under_the_installed_ones():
+    """transformers 5.25 passes the cache as `cache=`, earlier versions as `past_key_values=`: both must reach the
+    layers (a cache that is silently dropped makes every decoding step run without its past)."""
+    from transformers.cache_utils import DynamicCache
+
+    from apex_hf.modeling.modeling_apex import CACHE_NAME
+
+    model = build("gqa")
+    ids = prompt(8)
+    full = model(ids).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        cache = DynamicCache(config=model.config)
+        prefix = model(ids[:, :-1], use_cache=True, **{name: cache})
+        assert getattr(prefix, CACHE_NAME) is cache and cache.get_seq_length() == 7
+        step = model(ids[:, -1:], **{name: cache}).logits[:, -1]
+        assert (step - full).abs().max() < 1e-5, name
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
+
+
+@pytest.mark.parametrize("keyword", ["cache_params", "past_key_value", "num_refinement_step", "attention_masks"])
+def test_an_unknown_keyword_is_an_error_not_silently_ignored(keyword):
+    model = build("gqa")
+    for forward in (model, model.model):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument.*'{keyword}'"):
+            forward(prompt(), **{keyword: None})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "apex-hf preprocess: error: all 1 documents were removed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_without_orjson_the_error_names_it_before_anything_runs(tmp_path, monkeypatch):
+    (tmp_path / "good.jsonl").write_text(json.dumps({"text": GOOD[0]}) + "\n")
+    config = PreprocessConfig(str(tmp_path / "out"), [str(tmp_path / "good.jsonl")])
+    monkeypatch.setitem(sys.modules, "orjson", None)  # as if not installed: find_spec does not find it
+    with pytest.raises(ImportError, match=r'need orjson .*pip install "apex-hf\[train\]" \(or pip install orjson\)'):
+        preprocess(config)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["good.jsonl"]  # no staging folder, no OUT

@@ -1,8 +1,12 @@
-"""Reward functions: accuracy (both the math_verify and the normalised-match path), format, length, resolve_reward."""
+"""Reward functions: accuracy (math_verify, required: a clear error without it), format, length, resolve_reward."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,14 +28,10 @@ def message(content):
     return [{"role": "assistant", "content": content}]
 
 
-@pytest.fixture(params=["normalised match", "math_verify"])
-def matcher(request, monkeypatch):
-    """Runs a test once per comparison path; the math_verify one only where it is installed."""
-    if request.param == "math_verify":
-        pytest.importorskip("math_verify")
-    else:
-        monkeypatch.setattr(rewards, "HAS_MATH_VERIFY", False)
-    return request.param
+@pytest.fixture
+def without_math_verify(monkeypatch):
+    """As if math_verify were not installed: importing it fails and find_spec does not find it."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
 
 
 ACCURACY_CASES = [
@@ -71,12 +71,12 @@ ACCURACY_CASES = [
 
 
 @pytest.mark.parametrize("completion, reference, expected", ACCURACY_CASES)
-def test_accuracy_reward(matcher, completion, reference, expected):
+def test_accuracy_reward(completion, reference, expected):
     assert accuracy_reward([completion], answer=[reference]) == [expected]
     assert accuracy_reward([message(completion)], answer=[reference]) == [expected]
 
 
-def test_accuracy_reward_batch_and_odd_inputs(matcher):
+def test_accuracy_reward_batch_and_odd_inputs():
     completions = [message("\\boxed{68}"), "\\boxed{68}", None, [], [{"role": "assistant", "content": None}]]
     assert accuracy_reward(completions, answer=["68", 68, "68", "68", "68"], prompts=["q"] * 5) == [1, 1, 0, 0, 0]
 
@@ -158,7 +158,7 @@ def test_resolve_reward_errors(spec, message_part):
     assert message_part in str(err.value)
 
 
-def test_accuracy_reward_off_the_main_thread(matcher):
+def test_accuracy_reward_off_the_main_thread():
     # math_verify cannot time out through signal.alarm there; the reward must still score
     with ThreadPoolExecutor(max_workers=1) as pool:
         result = pool.submit(accuracy_reward, ["\\boxed{68}", "\\boxed{67}"], answer=["68", "68"]).result()
@@ -169,3 +169,30 @@ def test_accuracy_reward_reads_a_solution_column_and_names_a_missing_one():
     assert accuracy_reward(completions=["so \\boxed{3/4}"], solution=["\\frac{3}{4}"]) == [1.0]
     with pytest.raises(ValueError, match="`answer` or `solution` column"):
         accuracy_reward(completions=["\\boxed{1}"])
+
+
+def test_the_accuracy_reward_reports_its_verifier(caplog):
+    rewards.log_verifier.cache_clear()
+    with caplog.at_level(logging.INFO, logger="apex_hf.rewards"):
+        assert resolve_reward("accuracy").verifier == "math_verify"
+        resolve_reward("apex_hf.rewards.accuracy_reward")
+    version = importlib.metadata.version("math-verify")
+    assert [record.getMessage() for record in caplog.records] == [f"accuracy reward: verifier math_verify {version}"]
+
+
+@pytest.mark.parametrize("spec", ["accuracy", "apex_hf.rewards:accuracy_reward"])
+def test_without_math_verify_resolving_the_accuracy_reward_fails_clearly(without_math_verify, spec):
+    with pytest.raises(ImportError, match=r'pip install "apex-hf\[train\]" \(or pip install math-verify\)'):
+        resolve_reward(spec)
+    assert resolve_reward("format") is format_reward  # the other rewards do not need it
+
+
+def test_without_math_verify_the_accuracy_reward_fails_clearly_when_called(without_math_verify):
+    with pytest.raises(ImportError, match="accuracy reward compares answers with math_verify, which is not installed"):
+        accuracy_reward(["\\boxed{68}"], answer=["68"])
+
+
+def test_the_module_imports_without_math_verify():
+    # the error belongs to the point of use: a process that never resolves the accuracy reward does not need it
+    code = "import sys; sys.modules['math_verify'] = None; import apex_hf.rewards"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,30 +6,32 @@ and message lists (`[{"role": "assistant", "content": ...}]`) for conversational
 (e.g. `answer`) arrives as a keyword list. TRL logs each reward under its `__name__`: `rewards/<name>/mean` and `/std`.
 
 The final answer of a completion is the content of its last `\boxed{...}`, or, when it has no box at all, its last
-number. Answers compare with `math_verify` when it is installed and by a normalised exact match otherwise; both
-paths agree on plain integers, decimals and fractions.
+number. Answers compare with `math_verify` (symbolic equivalence: `0.75` == `\frac{3}{4}`), which the `train` extra
+installs. Without it the accuracy reward fails with an ImportError naming the install command, when it is resolved
+for a GRPO recipe or first called: a silently weaker comparison would change what GRPO trains towards.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import re
 import threading
 from collections.abc import Callable
-from fractions import Fraction
 
 
-# math_verify (with latex2sympy2 and an ANTLR runtime) is an optional extra: the demo's answers are integers, which the
-# normalised match decides exactly; math_verify adds symbolic equivalence (`\frac{\sqrt{2}}{2}` == `\sqrt{2}/2`).
-HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
-if HAS_MATH_VERIFY:
-    from math_verify import parse, verify
+logger = logging.getLogger(__name__)
 
+VERIFIER = "math_verify"
+MATH_VERIFY_MISSING = (
+    "GRPO's accuracy reward compares answers with math_verify, which is not installed: "
+    'pip install "apex-hf[train]" (or pip install math-verify)'
+)
 BOXED = "\\boxed{"
 LAST_NUMBER = re.compile(r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
-NUMBER = re.compile(r"-?\d*\.?\d+(?:/\d*\.?\d+)?")
 FINAL_TAIL = re.compile(r"\s*\.?\s*")
 
 
@@ -79,30 +81,35 @@ def normalize_answer(answer: str) -> str:
     return answer.rstrip(".").removeprefix("+")
 
 
-def to_number(answer: str) -> Fraction | None:
-    """An exact value for a normalised integer, decimal or fraction (`3/4`), else None."""
-    if not NUMBER.fullmatch(answer):
-        return None
-    numerator, _, denominator = answer.partition("/")
-    try:
-        return Fraction(numerator) / Fraction(denominator or 1)
-    except ZeroDivisionError:
-        return None
+def require_math_verify() -> None:
+    """Raise an ImportError naming the install command when math_verify is missing (rather than a bare
+    ModuleNotFoundError from deep inside a GRPO step)."""
+    if importlib.util.find_spec("math_verify") is None:
+        raise ImportError(MATH_VERIFY_MISSING)
+
+
+@functools.cache  # once per process: a GRPO run resolves its rewards twice (recipe check, trainer)
+def log_verifier(version: str) -> None:
+    logger.info("accuracy reward: verifier %s %s", VERIFIER, version)
+
+
+def report_verifier() -> None:
+    """Check that the accuracy reward's verifier is installed and log which one (and its version) it is."""
+    require_math_verify()
+    log_verifier(importlib.metadata.version("math-verify"))
 
 
 def answers_match(prediction: str, reference: str) -> bool:
     prediction, reference = normalize_answer(prediction), normalize_answer(reference)
     if not prediction or not reference:
         return False
-    if HAS_MATH_VERIFY:
-        return math_verify_match(prediction, reference)
-    prediction_value, reference_value = to_number(prediction), to_number(reference)
-    if prediction_value is not None and reference_value is not None:
-        return prediction_value == reference_value
-    return prediction == reference
+    return math_verify_match(prediction, reference)
 
 
 def math_verify_match(prediction: str, reference: str) -> bool:
+    # imported on use: `import apex_hf.rewards` must work without it, and it loads sympy (~0.5 s)
+    from math_verify import parse, verify
+
     # math_verify times out through signal.alarm, which only works in the main thread (TRL runs async rewards in
     # others): there it runs without a timeout, and without its warning about that on every call.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
@@ -126,12 +133,16 @@ def accuracy_reward(
         raise ValueError(
             "accuracy_reward needs the reference answers: the data set has no `answer` or `solution` column"
         )
+    require_math_verify()  # where it was called without being resolved (e.g. by evaluation.generation_accuracy)
     rewards = []
     for completion, reference in zip(completions, references):
         prediction = extract_answer(completion_text(completion))
         correct = prediction is not None and reference is not None and answers_match(prediction, str(reference))
         rewards.append(float(correct))
     return rewards
+
+
+accuracy_reward.verifier = VERIFIER  # which comparison decides "correct"; logged with its version when resolved
 
 
 def ends_with_one_box(text: str) -> bool:
@@ -171,7 +182,15 @@ REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {
 
 def resolve_reward(spec: str) -> Callable:
     """A reward from its registry name (`REWARD_FUNCTIONS`) or its dotted path (`package.module.function` or
-    `package.module:function`)."""
+    `package.module:function`). The accuracy reward is checked here, so that a GRPO recipe without math_verify fails
+    when it is read, not at its first step."""
+    function = lookup_reward(spec)
+    if function is accuracy_reward:
+        report_verifier()
+    return function
+
+
+def lookup_reward(spec: str) -> Callable:
     if spec in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[spec]
     if ":" in spec:

@@ -40,6 +40,7 @@ untouched.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +54,10 @@ SAMPLE_BY = ("paragraph", "line", "document")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 INPUT_SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 SUMMARY_FILE = "preprocess_summary.json"
+ORJSON_MISSING = (
+    "apex-hf preprocess reads and writes JSON lines with datatrove's JsonlReader and JsonlWriter, which need orjson "
+    '(datatrove does not install it): pip install "apex-hf[train]" (or pip install orjson)'
+)
 
 
 class PreprocessError(ValueError):
@@ -157,6 +162,7 @@ def _input_format(path: Path) -> str | None:
 def preprocess(config: PreprocessConfig) -> dict:
     """Run the stages of the module docstring and publish OUT; returns (and prints) the summary. Raises
     `PreprocessError` when no document is read or none is kept, leaving OUT untouched."""
+    _require_orjson(config)
     output = Path(config.output_dir).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     # Next to OUT, so the final rename stays on one file system; intermediates go there too, as big as the data.
@@ -176,6 +182,14 @@ def preprocess(config: PreprocessConfig) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     _print_summary(summary, config.output_format)
     return summary
+
+
+def _require_orjson(config: PreprocessConfig) -> None:
+    """Fail before any stage when orjson is missing and JSON lines are read or written (.jsonl inputs, jsonl output,
+    or a dedup stage, whose intermediates are JSON lines): an error naming the install command, not datatrove's."""
+    uses_jsonl = config.exact_dedup or config.near_dedup or config.output_format == "jsonl"
+    if (uses_jsonl or "jsonl" in config.input_files()) and importlib.util.find_spec("orjson") is None:
+        raise ImportError(ORJSON_MISSING)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The loop training recipe lives in the model: passes drawn per training forward, truncated backpropagation through
+the loop, input injection. Active in train() with gradients, inactive in eval() and under no_grad."""
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from tiny_configs import tiny_config
+
+from apex_hf import ApexConfig, ApexForCausalLM
+
+
+def build(**overrides):
+    torch.manual_seed(0)
+    config = tiny_config("gqa", num_refinement_steps=2, max_refinement_steps=4, memory_injection="gated_add")
+    for field, value in overrides.items():
+        setattr(config, field, value)
+    config.validate()
+    return ApexForCausalLM(config)
+
+
+def ids(batch=2, length=8):
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def passes_run(model, forwards=12, **kwargs):
+    """One verifier score per pass run, so their count is the passes of that forward."""
+    return [len(model(ids(), **kwargs).verifier_scores) for _ in range(forwards)]
+
+
+def test_sampled_passes_vary_in_training_and_stay_fixed_in_eval_and_without_gradients():
+    model = build(refinement_sampling="uniform", refinement_sampling_min=1, refinement_sampling_max=4)
+    model.train()
+    drawn = passes_run(model)
+    assert set(drawn) == {1, 2, 3, 4}
+    with torch.no_grad():  # e.g. GRPO's rollouts: train mode, no gradients
+        assert set(passes_run(model, forwards=4)) == {2}
+    model.eval()
+    assert set(passes_run(model, forwards=4)) == {2}
+    model.train()
+    assert set(passes_run(model, forwards=4, num_refinement_steps=3)) == {3}  # an explicit K always wins
+
+
+def test_every_rank_draws_the_same_passes():
+    first, second = build(refinement_sampling="uniform").train(), build(refinement_sampling="uniform").train()
+    torch.manual_seed(123)  # the global RNG must not matter: ranks and data loaders consume it differently
+    drawn = passes_run(first)
+    torch.manual_seed(7)
+    assert passes_run(second) == drawn
+
+
+def test_poisson_draws_stay_within_bounds():
+    model = build(refinement_sampling="poisson", refinement_sampling_min=2, refinement_sampling_max=3).train()
+    assert set(passes_run(model, forwards=16)) == {2, 3}
+
+
+def loop_gradients(model):
+    model.train()
+    model(ids(), labels=ids()).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("injection", ["add", "adapter"])
+def test_truncated_backprop_reaches_every_loop_parameter(injection):
+    model = build(num_refinement_steps=3, refinement_backprop_steps=1, refinement_input_injection=injection)
+    grads = loop_gradients(model)
+    missing = [name for name, grad in grads.items() if grad is None or not grad.abs().sum() > 0]
+    # The pass gates of unused slots and the fourth pass do not run; everything else must learn.
+    assert missing == [], missing
+
+
+def test_truncated_backprop_drops_the_gradient_of_earlier_passes():
+    full = loop_gradients(build(num_refinement_steps=3, refinement_input_injection="add"))
+    truncated = loop_gradients(
+        build(num_refinement_steps=3, refinement_input_injection="add", refinement_backprop_steps=1)
+    )
+    core = "model.layers.1.self_attn.q_proj.weight"  # layer 1 is the shared core
+    assert not torch.allclose(full[core], truncated[core])
+    # With nothing injected, truncation leaves the prelude without gradient: only the last pass is differentiated.
+    no_injection = loop_gradients(build(num_refinement_steps=3, refinement_backprop_steps=1, memory_injection="none"))
+    assert no_injection["model.layers.0.self_attn.q_proj.weight"] is None
+
+
+def test_input_injection_adapter_starts_as_addition_and_never_runs_at_one_pass():
+    added, adapted = build(refinement_input_injection="add").eval(), build(refinement_input_injection="adapter").eval()
+    adapted.load_state_dict(added.state_dict(), strict=False)  # same weights, the adapter keeps its [I, I] start
+    assert torch.allclose(added(ids()).logits, adapted(ids()).logits, atol=1e-5)
+    plain = build().eval()
+    plain.load_state_dict(added.state_dict())
+    assert torch.equal(plain(ids(), num_refinement_steps=1).logits, added(ids(), num_refinement_steps=1).logits)
+    assert not torch.allclose(plain(ids()).logits, added(ids()).logits)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(refinement_sampling="geometric"), "refinement_sampling"),
+        (dict(refinement_sampling_min=3, refinement_sampling_max=2), "refinement_sampling_min/max"),
+        (dict(refinement_sampling_max=5), "refinement_sampling_min/max"),
+        (dict(refinement_backprop_steps=0), "refinement_backprop_steps"),
+        (dict(refinement_input_injection="concat"), "refinement_input_injection"),
+    ],
+)
+def test_recipe_fields_are_checked(overrides, field):
+    with pytest.raises((ValueError, StrictDataclassClassValidationError), match=field):
+        ApexConfig(num_refinement_steps=2, max_refinement_steps=4, **overrides)
