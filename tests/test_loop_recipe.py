@@ -103,3 +103,28 @@ def test_input_injection_adapter_starts_as_addition_and_never_runs_at_one_pass()
 def test_recipe_fields_are_checked(overrides, field):
     with pytest.raises((ValueError, StrictDataclassClassValidationError), match=field):
         ApexConfig(num_refinement_steps=2, max_refinement_steps=4, **overrides)
+
+
+def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    try:
+        import measure_loop
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "loop.json"
+    assert measure_loop.main(["--smoke", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    report = __import__("json").loads(out.read_text())
+    assert [row["variant"] for row in report["rows"]] == [
+        "k1",
+        "k3_plain",
+        "k3_recipe",
+        "k3_recipe_nomem",
+        "unique_depth",
+        "k1_equal_flops",
+    ]
+    assert report["data"]["held_out_files"] > 0 and "| k3_recipe |" in table
+    assert sorted(report["rows"][2]["bpb_by_passes"]) == [str(k) for k in range(1, 7)]

@@ -1,28 +1,44 @@
 """apex_hf: Hugging Face transformers integration for the Apex MoE + iterative-refinement LM.
 
-Importing the package registers the `apex` model type with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`,
-and marks the classes for remote code, so `save_pretrained` writes `auto_map` and copies `modeling/` next to the
-weights (a checkpoint then loads with `trust_remote_code=True` where apex_hf is not installed). Where PEFT is
-installed it also registers Apex's default LoRA targets (`apex_hf.lora`).
+With apex_hf imported, the `apex` model type is registered with `AutoConfig`, `AutoModel` and
+`AutoModelForCausalLM`, and the classes are marked for remote code, so `save_pretrained` writes `auto_map` and
+copies `modeling/` next to the weights (a checkpoint then loads with `trust_remote_code=True` where apex_hf is not
+installed). Once PEFT is imported, Apex's default LoRA targets are registered with it too (`apex_hf.lora`).
+
+`import apex_hf` itself stays light (no torch, no transformers), so the `apex-hf` command starts fast: the classes
+are imported on first access (`apex_hf.ApexConfig`), and each registration runs as soon as a module that calls for
+it has been imported, whoever imports it (`apex_hf.registration`); what is imported already is registered at once.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-from transformers.utils import is_peft_available
+import importlib
 
-from .modeling.configuration_apex import ApexConfig, sliding_full_pattern
-from .modeling.modeling_apex import ApexForCausalLM, ApexModel, ApexPreTrainedModel
+from . import registration
 
 
 __version__ = "0.1.0"
 
-AutoConfig.register(ApexConfig.model_type, ApexConfig, exist_ok=True)
-AutoModel.register(ApexConfig, ApexModel, exist_ok=True)
-AutoModelForCausalLM.register(ApexConfig, ApexForCausalLM, exist_ok=True)
-ApexConfig.register_for_auto_class()
-ApexModel.register_for_auto_class("AutoModel")
-ApexForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-
-if is_peft_available():  # PEFT is an optional extra; with it, `apex` gets default LoRA targets
-    from . import lora  # noqa: F401
+# Public name -> module that defines it, imported on first access.
+_LAZY_NAMES = {
+    "ApexConfig": ".modeling.configuration_apex",
+    "sliding_full_pattern": ".modeling.configuration_apex",
+    "ApexForCausalLM": ".modeling.modeling_apex",
+    "ApexModel": ".modeling.modeling_apex",
+    "ApexPreTrainedModel": ".modeling.modeling_apex",
+}
 
 __all__ = ["ApexConfig", "ApexForCausalLM", "ApexModel", "ApexPreTrainedModel", "sliding_full_pattern"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES})
+
+
+registration.install()

@@ -11,10 +11,14 @@ deduplicate pre-training text (datatrove). `demo`: the CPU demo. Training comman
 
 from __future__ import annotations
 
+# The standard library only, here and in `apex_hf/__init__.py`: `--help` and the light commands start in a fraction of
+# a second, and each command imports torch / transformers / TRL when it runs.
 import argparse
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 
 def _human(value: float, unit: str = "") -> str:
@@ -25,15 +29,38 @@ def _human(value: float, unit: str = "") -> str:
 
 
 def _load_config(name_or_path: str):
+    """A preset by name, or the Apex config of a saved model folder or a config.json file."""
     from .presets import PRESETS, get_preset
 
     if name_or_path in PRESETS:
         return get_preset(name_or_path)
-    if os.path.isdir(name_or_path) or name_or_path.endswith(".json"):
-        from .modeling.configuration_apex import ApexConfig
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json (it is not a saved model or config folder)")
+        path = path / "config.json"
+    elif not path.is_file():
+        if name_or_path.endswith(".json") or "/" in name_or_path or os.sep in name_or_path:  # meant as a path
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        return get_preset(name_or_path)  # raises, listing the known presets
+    return _read_apex_config(path)
 
-        return ApexConfig.from_pretrained(name_or_path)
-    return get_preset(name_or_path)  # raises, listing the known presets
+
+def _read_apex_config(path: Path):
+    """`ApexConfig` of a config.json; any other model type is an error rather than an Apex with default sizes."""
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON config: {error}") from None
+    model_type = values.get("model_type") if isinstance(values, dict) else None
+    if model_type != "apex":
+        raise ValueError(
+            f"{path} is not an Apex config (model_type {model_type!r}); `apex-hf convert` turns supported families"
+            " into Apex"
+        )
+    from .modeling.configuration_apex import ApexConfig
+
+    return ApexConfig.from_pretrained(path)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -135,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="parameters, KV cache and FLOPs of a preset or a saved config")
-    info.add_argument("model", help="a preset name (see `apex-hf presets`) or a folder / config.json")
+    info.add_argument("model", help="a preset name (see `apex-hf presets`), a saved model folder or its config.json")
     info.add_argument("--seq-len", type=int, default=None, help="default: the preset's training length")
     info.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
     commands.add_parser("presets", help="list the preset names")
@@ -204,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         try:
             return _info(args)
-        except ValueError as error:  # unknown preset or an invalid saved config: a message, not a traceback
-            parser.error(str(error))
+        except (ValueError, FileNotFoundError) as error:  # an unknown preset or a bad path: a message, no traceback
+            parser.exit(2, f"apex-hf info: error: {error}\n")
     if args.command == "presets":
         return _presets(args)
     if args.command == "preprocess":
@@ -217,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"apex-hf preprocess: error: {error}\n")
         try:
             preprocess(config)
-        except PreprocessError as error:  # the data: nothing read, or nothing kept
+        except (PreprocessError, ImportError) as error:  # the data (nothing read or kept), or orjson missing
             parser.exit(2, f"apex-hf preprocess: error: {error}\n")
         return 0
     if args.command in ("convert", "export", "upcycle"):
@@ -229,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         job = _prepare_job(args, overrides)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: an extra's package is missing
         parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
     from .pretrain.checkpoint import TrainingStopped
 

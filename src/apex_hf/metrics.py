@@ -24,6 +24,9 @@ calls of `pop()`, averages over the training forwards (gradient enabled, module 
 Values are accumulated as tensors and read once per `pop()`, so a log step costs one device sync, not one per forward.
 Classes are matched by what they carry (`aux_losses`, `e_score_correction_bias`, `memory_gate`), not by type, so a
 model loaded as Hub remote code (a different class object) is recognised too.
+
+These statistics (two per MoE layer, dozens in all) go to the trackers and the log history; `console_line` keeps the
+console to a handful of scalars per log step.
 """
 
 from __future__ import annotations
@@ -58,6 +61,37 @@ def routing_probabilities(router: nn.Module, router_logits: torch.Tensor) -> tor
         return router_logits.softmax(dim=-1)
     scores = router_logits.sigmoid()
     return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+# What a console line shows of a log entry, in this order: (key, format). Held-out entries show the same keys with
+# `eval_` in front. The full entry goes to the trackers and the log history.
+CONSOLE_FIELDS = (
+    ("loss", "loss {:.4f}"),
+    ("perplexity", "perplexity {:.2f}"),
+    ("reward", "reward {:.3f}"),  # GRPO
+    ("rewards/accuracies", "preference accuracy {:.3f}"),  # DPO
+    ("mean_token_accuracy", "token accuracy {:.3f}"),  # SFT, DPO
+    ("learning_rate", "lr {:.2e}"),
+    ("grad_norm", "grad norm {:.3f}"),
+    ("train_tokens_per_second", "{:,.0f} tokens/s"),
+    ("mfu", "MFU {:.1f}%"),
+    ("train_loss", "train loss {:.4f}"),  # the trainer's end-of-training entry
+    ("train_runtime", "{:.1f}s training"),
+)
+
+
+def console_line(entry: dict) -> str:
+    """One short line of a log entry (empty if it has none of `CONSOLE_FIELDS`)."""
+    held_out = "eval_loss" in entry
+    prefix = "eval_" if held_out else ""
+    parts = [
+        template.format(entry[prefix + key])
+        for key, template in CONSOLE_FIELDS
+        if isinstance(entry.get(prefix + key), (int, float))
+    ]
+    if held_out and parts:
+        parts[0] = f"held-out {parts[0]}"
+    return " | ".join(parts)
 
 
 def _is_recording(module: nn.Module) -> bool:

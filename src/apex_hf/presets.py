@@ -8,8 +8,11 @@ are only ever built on the meta device.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
-from .modeling.configuration_apex import ApexConfig
+
+if TYPE_CHECKING:  # imported in `get_preset`: the table alone (`apex-hf presets`) needs no torch
+    from .modeling.configuration_apex import ApexConfig
 
 
 # Sequence length each preset trains at; `apex-hf info` uses it for FLOPs/token and the KV-cache bound.
@@ -239,6 +242,8 @@ PRESETS: dict[str, dict] = {
 
 def get_preset(name: str, **overrides) -> ApexConfig:
     """`ApexConfig` of preset `name`, with any field replaced by `overrides`."""
+    from .modeling.configuration_apex import ApexConfig
+
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     kwargs = copy.deepcopy(PRESETS[name])  # rope_parameters is a dict the config may normalise in place

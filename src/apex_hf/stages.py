@@ -9,7 +9,8 @@ the adapter itself in `output_dir/adapter`), tokenizer, model card, `trainer_sta
 
 Apex-specific: the trainers are TRL's, with `ApexStatsMixin` adding Apex's own training statistics (verifier,
 consistency, router z-loss, expert-load balance, tokens/s; see `apex_hf.metrics`) to every training log line.
-TRL itself logs the router load-balancing loss (`aux_loss`) and, for GRPO, each reward's mean and std.
+TRL itself logs the router load-balancing loss (`aux_loss`) and, for GRPO, each reward's mean and std. The console
+gets a short line per log step; the trackers (`report_to`) and `trainer_state.json` get every value.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-from .metrics import ApexTrainingStats
+from .metrics import ApexTrainingStats, console_line
 from .recipe import Recipe, is_hub_repo_id, load_datasets
 from .tokenizer import prepare_chat_tokenizer
 
@@ -31,13 +33,45 @@ from .tokenizer import prepare_chat_tokenizer
 SUMMARY_FILE = "stage_summary.json"
 
 
+class ShortProgressCallback(ProgressCallback):
+    """transformers' progress bars, with `console_line` in place of the whole log entry (which, with the per-layer
+    router statistics, runs to a thousand characters); trackers and the log history still get every value."""
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        line = console_line(logs or {})
+        if state.is_world_process_zero and self.training_bar is not None and line:
+            self.training_bar.write(f"[{self.stage}] step {state.global_step}: {line}")
+
+
+class ShortPrinterCallback(PrinterCallback):
+    """`PrinterCallback` (the console log under `disable_tqdm`), one `console_line` per log entry."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        line = console_line(logs or {})
+        if state.is_local_process_zero and line:
+            print(f"[{self.stage}] step {state.global_step}: {line}")
+
+
 class ApexStatsMixin:
     """Adds `ApexTrainingStats` to each training log line (those that carry `loss`). Values are the main process's
-    own (not gathered): they describe the model, and every rank sees the same one."""
+    own (not gathered): they describe the model, and every rank sees the same one. The console shows a short line
+    per log step (`ShortProgressCallback`)."""
+
+    stage = "train"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.apex_stats = ApexTrainingStats(self.model)
+        for default, short in ((ProgressCallback, ShortProgressCallback), (PrinterCallback, ShortPrinterCallback)):
+            if self.pop_callback(default) is not None:
+                self.add_callback(short(self.stage))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -46,15 +80,15 @@ class ApexStatsMixin:
 
 
 class ApexSFTTrainer(ApexStatsMixin, SFTTrainer):
-    pass
+    stage = "sft"
 
 
 class ApexDPOTrainer(ApexStatsMixin, DPOTrainer):
-    pass
+    stage = "dpo"
 
 
 class ApexGRPOTrainer(ApexStatsMixin, GRPOTrainer):
-    pass
+    stage = "grpo"
 
 
 TRAINERS = {"sft": ApexSFTTrainer, "dpo": ApexDPOTrainer, "grpo": ApexGRPOTrainer}

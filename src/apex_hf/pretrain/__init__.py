@@ -7,9 +7,23 @@
   on datatrove).
 """
 
-from .config import PretrainConfig, load_pretrain_config
-from .preprocess import PreprocessConfig, preprocess
-from .train import pretrain, run_pretrain
+import importlib
 
 
-__all__ = ["PreprocessConfig", "PretrainConfig", "load_pretrain_config", "preprocess", "pretrain", "run_pretrain"]
+# Public name -> submodule, imported on first access: `apex-hf preprocess --help` must not load torch or trl.
+_LAZY_NAMES = {
+    "PretrainConfig": ".config",
+    "load_pretrain_config": ".config",
+    "PreprocessConfig": ".preprocess",
+    "preprocess": ".preprocess",
+    "pretrain": ".train",
+    "run_pretrain": ".train",
+}
+
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, get_wsd_schedule
 
 from ..counting import count, peak_flops_per_device
-from ..metrics import ApexTrainingStats
+from ..metrics import ApexTrainingStats, console_line
 from ..modeling.modeling_apex import ApexSparseMoeBlock
 from ..recipe import is_hub_repo_id
 from ..tokenizer import EOS_TOKEN, prepare_chat_tokenizer, train_bpe_tokenizer
@@ -198,8 +198,9 @@ def evaluate(model, rows, batch_size: int, accelerator: Accelerator) -> float:
 
 class TrainingLog:
     """`log_history` entries as transformers' Trainer writes them (`{"step", "loss", "learning_rate", ...}`,
-    `{"step", "eval_loss"}`), sent to Accelerate's trackers and printed on the main process; the progress bar shows
-    loss, tokens/s, MFU and (tqdm's own) the time left."""
+    `{"step", "eval_loss"}`), sent whole to Accelerate's trackers; the main process prints a short line of each
+    (`console_line`: the per-layer statistics would make it a thousand characters) and the progress bar shows loss,
+    tokens/s, MFU and (tqdm's own) the time left."""
 
     def __init__(self, accelerator: Accelerator, progress: tqdm, history: list[dict[str, Any]]):
         self.accelerator, self.progress = accelerator, progress
@@ -210,20 +211,12 @@ class TrainingLog:
         self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
         if not self.accelerator.is_main_process:
             return
-        if "eval_loss" in entry:
-            line = f"held-out loss {entry['eval_loss']:.4f} (perplexity {entry['eval_perplexity']:.2f})"
-        else:
-            parts = [f"loss {entry['loss']:.4f}", f"lr {entry['learning_rate']:.2e}"]
-            if "grad_norm" in entry:
-                parts.append(f"grad norm {entry['grad_norm']:.3f}")
-            parts.append(f"{entry['train_tokens_per_second']:,.0f} tokens/s")
+        if "loss" in entry:
             postfix = {"loss": f"{entry['loss']:.3f}", "tokens_s": f"{entry['train_tokens_per_second']:,.0f}"}
             if "mfu" in entry:
-                parts.append(f"MFU {entry['mfu']:.1f}%")
                 postfix["mfu"] = f"{entry['mfu']:.1f}%"
-            line = " | ".join(parts)
             self.progress.set_postfix(postfix)
-        self.progress.write(f"[pretrain] step {entry['step']}: {line}")
+        self.progress.write(f"[pretrain] step {entry['step']}: {console_line(entry)}")
 
     def state(self, config: PretrainConfig, step: int, train_runtime: float) -> dict[str, Any]:
         return {
