@@ -84,3 +84,19 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("tiny_tokenizer")
     train_bpe_tokenizer(tiny_corpus, vocab_size=512, save_dir=save_dir)
     return AutoTokenizer.from_pretrained(str(save_dir))
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_tokenizer, tmp_path_factory):
+    """A saved tiny Apex (every feature on, vocab of the tiny tokenizer) and its tokenizer: a stage's input."""
+    import torch
+    from tiny_configs import tiny_config
+
+    from apex_hf import ApexForCausalLM
+
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    config = tiny_config("gqa", vocab_size=len(tiny_tokenizer), max_position_embeddings=256)
+    ApexForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

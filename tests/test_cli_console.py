@@ -5,11 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_pretrain import TINY_RECIPE, _tensorboard_scalars
-from tiny_configs import tiny_config
 
-from apex_hf import ApexForCausalLM
 from apex_hf.metrics import console_line
 from apex_hf.pretrain import pretrain
 from apex_hf.recipe import load_recipe
@@ -74,16 +71,6 @@ def test_pretrain_console_is_short_and_the_trackers_get_every_value(tmp_path, ca
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     assert PER_LAYER_KEY in [entry for entry in history if "loss" in entry][-1]
     assert PER_LAYER_KEY in _tensorboard_scalars(output_dir / output_dir.name)
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    config = tiny_config("gqa", vocab_size=len(tiny_tokenizer), max_position_embeddings=256)
-    ApexForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def sft_recipe(base_model, output_dir, *overrides):

@@ -26,17 +26,6 @@ def run_from_repo_root(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # recipes name their data files relative to the working directory
 
 
-@pytest.fixture(scope="module")
-def base_model(tiny_tokenizer, tmp_path_factory):
-    """A saved tiny Apex (every feature on, vocab of the tiny tokenizer) and its tokenizer: a stage's input."""
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    config = tiny_config("gqa", vocab_size=len(tiny_tokenizer), max_position_embeddings=256)
-    ApexForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def recipe(stage, base, out, *overrides, file=None):
     file = RECIPES / f"{file or stage}.yaml"
     return load_recipe(file, stage, ["--model.name_or_path", str(base), "--output_dir", str(out), *overrides])
