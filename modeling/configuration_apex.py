@@ -144,6 +144,13 @@ class ApexConfig(PreTrainedConfig):
         refinement_backprop_steps: backpropagate through only the last n passes (truncated backpropagation through
             the loop, as Huginn); earlier passes run without gradients, which saves their activations and backward.
             `None` = all passes.
+
+    Early exit (inference):
+        refinement_exit_threshold: a token leaves the loop after the first pass whose verifier score reaches it
+            (`None` = off; overridable per call). Skipped passes keep a KV entry (the token's latest computed pass),
+            so cached generation equals recomputation with the same exits; outputs report `refinement_steps_used`.
+            0 exits every token after pass 1 (the logits of `num_refinement_steps=1`); above 1 nobody exits. Needs
+            the verifier (`memory_injection` other than `"none"`).
         Auxiliary losses (verifier, consistency, router z-loss) are attached to the activations with an identity
         autograd function that adds their gradient in backward, so they also train when a trainer (TRL) runs only
         the backbone and its own LM head. Their values are kept in `ApexModel.aux_losses` for logging.
@@ -267,6 +274,7 @@ class ApexConfig(PreTrainedConfig):
     refinement_sampling_min: int = 1
     refinement_sampling_max: int | None = None
     refinement_backprop_steps: int | None = None
+    refinement_exit_threshold: float | None = None
 
     # optional heads
     num_mtp_layers: int = 0
@@ -363,15 +371,23 @@ class ApexConfig(PreTrainedConfig):
     def num_physical_layers(self) -> int:
         return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
 
+    @property
+    def unrolled_coda_start(self) -> int:
+        """Unrolled index of the first coda layer: after `max_refinement_steps` passes' slots of the core."""
+        return self.num_prelude_layers + self.max_refinement_steps * self.num_core_layers
+
+    def unrolled_core_index(self, step: int, core_index: int) -> int:
+        """Unrolled index (and cache slot) of core layer `core_index` in pass `step` (both from 0)."""
+        return self.num_prelude_layers + step * self.num_core_layers + core_index
+
     def physical_layer_index(self, unrolled_index: int) -> int:
         """The physical layer that computes unrolled layer `unrolled_index`."""
         prelude, core = self.num_prelude_layers, self.num_core_layers
-        core_end = prelude + self.max_refinement_steps * core
         if unrolled_index < prelude:
             return unrolled_index
-        if unrolled_index < core_end:
+        if unrolled_index < self.unrolled_coda_start:
             return prelude + (unrolled_index - prelude) % core
-        return unrolled_index - core_end + prelude + core
+        return unrolled_index - self.unrolled_coda_start + prelude + core
 
     def first_unrolled_index(self, physical_index: int) -> int:
         """The unrolled index of a physical layer's first use (its first pass, for a core layer)."""
@@ -561,6 +577,19 @@ class ApexConfig(PreTrainedConfig):
             (self.refinement_sampling_min, self.refinement_sampling_max),
             f"1 <= min <= max <= max_refinement_steps={self.max_refinement_steps}",
         )
+        if self.refinement_exit_threshold is not None:
+            _require(
+                self.refinement_exit_threshold >= 0,
+                "refinement_exit_threshold",
+                self.refinement_exit_threshold,
+                ">= 0 or None (off)",
+            )
+            _require(
+                self.memory_injection != "none",
+                "refinement_exit_threshold",
+                self.refinement_exit_threshold,
+                "None while memory_injection='none' (exits read the verifier, which comes with the memory)",
+            )
         if self.refinement_backprop_steps is not None:
             _require(
                 self.refinement_backprop_steps >= 1,

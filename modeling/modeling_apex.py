@@ -300,6 +300,7 @@ class ApexAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
         cache_index: int | None = None,
+        exits: "RefinementExits | None" = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -316,6 +317,8 @@ class ApexAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
+        if exits is not None:
+            key_states, value_states = exits.cache_update(self.layer_idx, key_states, value_states)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, cache_index)
 
@@ -398,6 +401,7 @@ class ApexMLAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
         cache_index: int | None = None,
+        exits: "RefinementExits | None" = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_length = hidden_states.shape[:-1]
@@ -417,6 +421,8 @@ class ApexMLAttention(nn.Module):
 
         cos, sin = position_embeddings
         q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+        if exits is not None:
+            kv_latent, k_rot = exits.cache_update(self.layer_idx, kv_latent, k_rot)
         if past_key_values is not None:
             kv_latent, k_rot = past_key_values.update(kv_latent, k_rot, cache_index)
 
@@ -890,6 +896,47 @@ class ApexInputInjection(nn.Module):
         return F.linear(torch.cat((hidden_states, prelude_output), dim=-1), self.adapter_weight)
 
 
+class RefinementExits:
+    """Per-token early exit from the refinement loop for one forward call (`refinement_exit_threshold`).
+
+    After each pass but the last, a token whose verifier score reaches the threshold leaves the loop: its hidden state
+    and memory stay as they are. The passes it skips still give later tokens something to attend to: each core layer
+    writes, for that token, the keys and values of the token's latest computed pass (Huginn's rule), both into the
+    cache and into this call's attention. So a cached `generate` computes what recomputing the whole sequence with the
+    same exits computes. When every token of the call has left, the remaining passes are not run at all; their cache
+    slots get those latest keys and values. That is where decoding saves time: fewer core-layer calls, not masked-out
+    work. The check costs one device sync per pass, so exits are for eager inference, not compiled graphs.
+    """
+
+    def __init__(self, threshold: float, batch_and_seq: torch.Size, num_passes: int, device: torch.device):
+        self.threshold = threshold
+        self.exited = torch.zeros(batch_and_seq, dtype=torch.bool, device=device)
+        self.steps_used = torch.full(batch_and_seq, num_passes, dtype=torch.long, device=device)
+        self.latest_cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # physical layer -> its cache update
+
+    def cache_update(self, layer_idx: int, first: torch.Tensor, second: torch.Tensor):
+        """The two tensors a core layer caches (keys and values, or MLA's latent and rotary key, `[b, h, seq, d]`),
+        with the latest computed pass's in place of this pass's for tokens that have left the loop."""
+        if layer_idx in self.latest_cached:
+            keep = self.exited[:, None, :, None]
+            latest_first, latest_second = self.latest_cached[layer_idx]
+            first, second = torch.where(keep, latest_first, first), torch.where(keep, latest_second, second)
+        self.latest_cached[layer_idx] = (first, second)
+        return first, second
+
+    def keep_exited(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """`new` for tokens still in the loop, `old` for those that left before this pass."""
+        return torch.where(self.exited[..., None], old, new)
+
+    def after_pass(self, step: int, scores: torch.Tensor) -> None:
+        leaving = (scores >= self.threshold) & ~self.exited
+        self.steps_used = torch.where(leaving, step + 1, self.steps_used)
+        self.exited |= leaving
+
+    def everyone_exited(self) -> bool:
+        return bool(self.exited.all())  # one device sync
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Pre-trained model base
 
@@ -901,12 +948,14 @@ class ApexModelOutputWithPast(MoeModelOutputWithPast):
 
     verifier_scores: tuple[torch.Tensor, ...] | None = None
     memory_states: tuple[torch.Tensor, ...] | None = None
+    refinement_steps_used: torch.LongTensor | None = None  # [batch, seq]: passes each token ran (early exit)
 
 
 @dataclass
 class ApexCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     verifier_scores: tuple[torch.Tensor, ...] | None = None
     memory_states: tuple[torch.Tensor, ...] | None = None
+    refinement_steps_used: torch.LongTensor | None = None
     mtp_loss: torch.Tensor | None = None
 
 
@@ -1012,6 +1061,7 @@ class ApexModel(ApexPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_refinement_steps: int | None = None,
+        refinement_exit_threshold: float | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ApexModelOutputWithPast:
@@ -1021,6 +1071,9 @@ class ApexModel(ApexPreTrainedModel):
         num_refinement_steps (`int`, *optional*):
             Passes of the shared core for this call, between 1 and `config.max_refinement_steps` (the passes the
             cache has slots for). Defaults to `config.num_refinement_steps`. Keep it fixed within one generation.
+        refinement_exit_threshold (`float`, *optional*):
+            Per-token early exit for this call (see `RefinementExits`); defaults to
+            `config.refinement_exit_threshold`. A value above 1 turns it off. Keep it fixed within one generation.
         """
         config = self.config
         check_forward_kwargs(type(self).__name__, kwargs)
@@ -1051,8 +1104,11 @@ class ApexModel(ApexPreTrainedModel):
 
         position_embeddings = self.position_embeddings(inputs_embeds, position_ids)
 
+        exits = self._resolve_exits(refinement_exit_threshold, inputs_embeds, num_passes)
+
         def run_layer(hidden_states: torch.Tensor, unrolled_index: int) -> torch.Tensor:
             layer_type = config.layer_types[unrolled_index]
+            in_core = config.num_prelude_layers <= unrolled_index < config.unrolled_coda_start
             return self.layers[config.physical_layer_index(unrolled_index)](
                 hidden_states,
                 attention_mask=causal_mask_mapping[layer_type],
@@ -1060,14 +1116,37 @@ class ApexModel(ApexPreTrainedModel):
                 cache_index=unrolled_index,
                 **{CACHE_NAME: past_key_values},
                 position_ids=position_ids,  # flash attention reads packed documents from them (it takes no mask)
+                **({"exits": exits} if exits is not None and in_core else {}),
                 **kwargs,
             )
 
-        prelude, core = config.num_prelude_layers, config.num_core_layers
         hidden_states = inputs_embeds
-        for unrolled_index in range(prelude):
+        for unrolled_index in range(config.num_prelude_layers):
             hidden_states = run_layer(hidden_states, unrolled_index)
+        hidden_states, pass_states, verifier_scores, memories = self._refine(
+            hidden_states, num_passes, run_layer, exits, past_key_values
+        )
+        for unrolled_index in range(config.unrolled_coda_start, config.num_hidden_layers):
+            hidden_states = run_layer(hidden_states, unrolled_index)
+        hidden_states = self.norm(hidden_states)
+        hidden_states = self._attach_refinement_losses(hidden_states, pass_states, verifier_scores, attention_mask)
 
+        steps_used = exits.steps_used if exits is not None else None
+        if steps_used is None:
+            steps_used = torch.full(inputs_embeds.shape[:2], num_passes, device=inputs_embeds.device)
+        return ApexModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            **{CACHE_NAME: past_key_values},
+            verifier_scores=tuple(verifier_scores),
+            memory_states=tuple(memories),
+            refinement_steps_used=steps_used,
+        )
+
+    def _refine(self, hidden_states, num_passes, run_layer, exits: RefinementExits | None, cache: Cache | None):
+        """The shared core run `num_passes` times on the prelude output, with the loop recipe (input injection,
+        truncated backpropagation), memory and verifier, and early exits. Returns the state for the coda (memory
+        injected), and per pass the states, verifier scores and memories."""
+        config = self.config
         refinement = getattr(self, "refinement", None)
         input_injection = getattr(self, "input_injection", None)
         prelude_output = hidden_states
@@ -1075,36 +1154,60 @@ class ApexModel(ApexPreTrainedModel):
         pass_states, verifier_scores, memories = [], [], []
         grad_enabled, first_backprop_pass = torch.is_grad_enabled(), self._first_backprop_pass(num_passes)
         for step in range(num_passes):
+            if exits is not None and step > 0 and exits.everyone_exited():
+                self._fill_skipped_passes(exits, cache, first_skipped=step, num_passes=num_passes)
+                break
             with torch.set_grad_enabled(grad_enabled and step >= first_backprop_pass):
                 pass_input = hidden_states
                 if step > 0 and refinement is not None:
                     hidden_states = refinement.inject(hidden_states, memories)
                 if step > 0 and input_injection is not None:
                     hidden_states = input_injection(hidden_states, prelude_output)
-                for core_index in range(core):
-                    hidden_states = run_layer(hidden_states, prelude + step * core + core_index)
+                for core_index in range(config.num_core_layers):
+                    hidden_states = run_layer(hidden_states, config.unrolled_core_index(step, core_index))
                 if step > 0 and hasattr(self, "pass_gates"):
                     hidden_states = pass_input + self.pass_gates[step - 1] * (hidden_states - pass_input)
+                if exits is not None:
+                    hidden_states = exits.keep_exited(hidden_states, pass_input)
                 pass_states.append(hidden_states)
                 if refinement is not None:
                     score, memory = refinement(hidden_states, anchor_features, memories[-1] if memories else None)
+                    if exits is not None and memories:
+                        memory = exits.keep_exited(memory, memories[-1])
                     verifier_scores.append(score)
                     memories.append(memory)
-
+                    if exits is not None and step < num_passes - 1:
+                        exits.after_pass(step, score)
         if refinement is not None:
             hidden_states = refinement.inject(hidden_states, memories)
-        coda_start = prelude + config.max_refinement_steps * core
-        for unrolled_index in range(coda_start, config.num_hidden_layers):
-            hidden_states = run_layer(hidden_states, unrolled_index)
-        hidden_states = self.norm(hidden_states)
-        hidden_states = self._attach_refinement_losses(hidden_states, pass_states, verifier_scores, attention_mask)
+        return hidden_states, pass_states, verifier_scores, memories
 
-        return ApexModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            **{CACHE_NAME: past_key_values},
-            verifier_scores=tuple(verifier_scores),
-            memory_states=tuple(memories),
-        )
+    def _fill_skipped_passes(self, exits: RefinementExits, cache: Cache | None, first_skipped: int, num_passes: int):
+        """Every token has left the loop: the cache slots of the passes not run get each core layer's latest keys and
+        values, so that later tokens that do run those passes find an entry for these positions."""
+        if cache is None:
+            return
+        config = self.config
+        for step in range(first_skipped, num_passes):
+            for core_index in range(config.num_core_layers):
+                unrolled = config.unrolled_core_index(step, core_index)
+                cache.update(*exits.latest_cached[config.physical_layer_index(unrolled)], unrolled)
+
+    def _resolve_exits(self, threshold: float | None, inputs_embeds: torch.Tensor, num_passes: int):
+        """The early-exit bookkeeping of this call, or None: no threshold, one pass, or a training forward (the
+        loop trains at full depth)."""
+        if threshold is None:
+            threshold = self.config.refinement_exit_threshold
+        if threshold is None or num_passes == 1 or self._trains_loop():
+            return None
+        if not hasattr(self, "refinement"):
+            raise ValueError(
+                f"refinement_exit_threshold={threshold} needs the verifier, which this model does not have "
+                f"(memory_injection='none'); build it with memory_injection='gated_add' or 'cross_attention'"
+            )
+        if threshold < 0:
+            raise ValueError(f"refinement_exit_threshold={threshold} is invalid: must be >= 0 (above 1 turns it off)")
+        return RefinementExits(threshold, inputs_embeds.shape[:2], num_passes, inputs_embeds.device)
 
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
         inputs_embeds = self.embed_tokens(input_ids)
@@ -1349,6 +1452,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_refinement_steps: int | None = None,
+        refinement_exit_threshold: float | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ApexCausalLMOutputWithPast:
@@ -1365,6 +1469,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_router_logits=output_router_logits,
             num_refinement_steps=num_refinement_steps,
+            refinement_exit_threshold=refinement_exit_threshold,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1404,6 +1509,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
             verifier_scores=outputs.verifier_scores,
             memory_states=outputs.memory_states,
+            refinement_steps_used=outputs.refinement_steps_used,
             mtp_loss=mtp_loss,
         )
 
