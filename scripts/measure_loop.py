@@ -15,8 +15,10 @@ Variants (the rows of the table; `--variants` picks some):
     unique_depth    K = 1 with 3 x C unique core layers: the unrolled depth of K = 3, with ~2 x the parameters
     k1_equal_flops  K = 1 trained for as many steps as its FLOPs take to match K = 3's
 
-It prints one markdown table and writes JSON: held-out loss (nats per byte and bits per byte) per variant and seed,
-the seed-to-seed spread, each K = 3 model evaluated at K = 1 .. 2 x 3, and training tokens/s.
+It prints markdown tables and writes JSON: held-out loss (nats per byte and bits per byte) per variant and seed, the
+change against K = 1 on the same seed, the seed-to-seed spread, each K = 3 model evaluated at K = 1 .. 2 x 3, training
+tokens/s, and for the models with a verifier the early-exit curve: per `refinement_exit_threshold`, held-out loss,
+the share of core passes skipped and batch-1 decode tokens/s (greedy, cached, against fixed K).
 
     python scripts/measure_loop.py --steps 1200 --seeds 0 1 --out loop.json   # on a GPU
     python scripts/measure_loop.py --smoke                                   # seconds, CPU, for the tests
@@ -43,6 +45,7 @@ from apex_hf import ApexConfig, ApexForCausalLM
 TRAINED_PASSES = 3
 EVAL_PASSES = tuple(range(1, 2 * TRAINED_PASSES + 1))
 HELD_OUT_MODULUS = 10
+EXIT_THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 
 # The recipe under test; the presets with K > 1 take what measures best. Measured so far (600 steps, see README):
 # input injection helps; a random number of passes per step (uniform 1..6 with backpropagation through the last 3,
@@ -177,16 +180,63 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def held_out_loss(model, windows: torch.Tensor, device: torch.device, passes: int | None = None) -> float:
-    """Mean next-byte cross-entropy in nats over the held-out windows."""
+def held_out_loss(model, windows: torch.Tensor, device: torch.device, **call) -> float:
+    """Mean next-byte cross-entropy in nats over the held-out windows (`call`: per-call loop settings)."""
+    return held_out_loss_and_passes(model, windows, device, **call)[0]
+
+
+@torch.no_grad()
+def held_out_loss_and_passes(model, windows: torch.Tensor, device: torch.device, **call) -> tuple[float, float]:
+    """Mean next-byte cross-entropy in nats, and the mean core passes a token ran."""
     model.eval()
-    total = 0.0
+    loss, passes = 0.0, 0.0
     for chunk in windows.split(16):
         chunk = chunk.to(device)
         with autocast(device):
-            total += model(chunk, labels=chunk, num_refinement_steps=passes).loss.item() * len(chunk)
+            out = model(chunk, labels=chunk, **call)
+        loss += out.loss.item() * len(chunk)
+        passes += out.refinement_steps_used.float().mean().item() * len(chunk)
     model.train()
-    return total / len(windows)
+    return loss / len(windows), passes / len(windows)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, device: torch.device, **call) -> float:
+    """Greedy batch-1 decoding speed with the cache, after one warm-up generation."""
+    model.eval()
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **call)
+    prompt = prompt.to(device)
+    with autocast(device):
+        model.generate(prompt, **settings)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(prompt, **settings)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    model.train()
+    return new_tokens / (time.perf_counter() - started)
+
+
+def exit_curve(model, windows: torch.Tensor, device: torch.device) -> list[dict]:
+    """Per threshold: held-out loss, share of core passes skipped, batch-1 decode tokens/s (a quarter window of
+    held-out prompt, a quarter window generated); `None` = fixed K."""
+    quarter = windows.shape[1] // 4
+    prompt = windows[:1, :quarter]
+    curve = []
+    for threshold in (None, *EXIT_THRESHOLDS):
+        loss, passes = held_out_loss_and_passes(model, windows, device, refinement_exit_threshold=threshold)
+        curve.append(
+            {
+                "threshold": threshold,
+                "held_out_loss": loss,
+                "passes_skipped": 1 - passes / TRAINED_PASSES,
+                "decode_tokens_per_s": decode_tokens_per_s(
+                    model, prompt, quarter, device, refinement_exit_threshold=threshold
+                ),
+            }
+        )
+    return curve
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -228,7 +278,11 @@ def train_variant(variant: Variant, args, scale: Scale, train_stream, windows, s
         "held_out_loss": held_out_loss(model, windows, device),
     }
     if variant.evaluate_passes:
-        result["held_out_loss_by_passes"] = {k: held_out_loss(model, windows, device, k) for k in EVAL_PASSES}
+        result["held_out_loss_by_passes"] = {
+            k: held_out_loss(model, windows, device, num_refinement_steps=k) for k in EVAL_PASSES
+        }
+    if config.memory_injection != "none":  # the verifier comes with the memory
+        result["exit_curve"] = exit_curve(model, windows, device)
     print(f"  {variant.name} seed {seed}: {json.dumps(result)}", flush=True)
     return result
 
@@ -248,6 +302,21 @@ def paired_change_vs_k1(runs: list[dict], results: list[dict]) -> list[float]:
     return [r["held_out_loss"] / k1[r["seed"]] - 1 for r in runs if r["seed"] in k1]
 
 
+def mean_exit_curve(runs: list[dict]) -> list[dict]:
+    """The exit curve averaged over seeds, with each threshold's change against fixed K (`threshold` None)."""
+    curve = []
+    for points in zip(*(r["exit_curve"] for r in runs)):
+        point = {"threshold": points[0]["threshold"]}
+        for key in ("held_out_loss", "passes_skipped", "decode_tokens_per_s"):
+            point[key] = statistics.mean(p[key] for p in points)
+        curve.append(point)
+    fixed = curve[0]
+    for point in curve:
+        point["loss_change"] = point["held_out_loss"] / fixed["held_out_loss"] - 1
+        point["decode_speedup"] = point["decode_tokens_per_s"] / fixed["decode_tokens_per_s"]
+    return curve
+
+
 def summarise(results: list[dict]) -> list[dict]:
     rows = []
     for name in dict.fromkeys(r["variant"] for r in results):
@@ -263,6 +332,8 @@ def summarise(results: list[dict]) -> list[dict]:
             "change_vs_k1_per_seed": paired_change_vs_k1(runs, results),
             "train_tokens_per_s": statistics.mean(r["train_tokens_per_s"] for r in runs),
         }
+        if "exit_curve" in runs[0]:
+            row["exit_curve"] = mean_exit_curve(runs)
         if "held_out_loss_by_passes" in runs[0]:
             row["bpb_by_passes"] = {
                 k: statistics.mean(bits_per_byte(r["held_out_loss_by_passes"][k]) for r in runs) for k in EVAL_PASSES
@@ -284,6 +355,19 @@ def print_table(rows: list[dict]) -> None:
             f"| {r['variant']} | {r['parameters'] / 1e6:.1f}M | {r['steps']} | {r['seeds']} | {r['held_out_bpb']:.4f} "
             f"| {versus} | {r['seed_spread_bpb']:.4f} | {r['train_tokens_per_s']:,.0f} | {cells} |"
         )
+
+
+def print_exit_table(rows: list[dict]) -> None:
+    print("\n| variant | exit threshold | held-out bits/byte | vs fixed K | passes skipped | decode b1 tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for p in r.get("exit_curve", []):
+            threshold = "fixed K" if p["threshold"] is None else f"{p['threshold']:.2f}"
+            print(
+                f"| {r['variant']} | {threshold} | {bits_per_byte(p['held_out_loss']):.4f} | "
+                f"{100 * p['loss_change']:+.2f} % | {100 * p['passes_skipped']:.1f} % | "
+                f"{p['decode_tokens_per_s']:,.1f} ({p['decode_speedup']:.2f}x) |"
+            )
 
 
 def parse_override(parser: argparse.ArgumentParser, item: str) -> tuple[str, object]:
@@ -337,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows = summarise(results)
     print_table(rows)
+    print_exit_table(rows)
     if args.out is not None:
         report = {
             "data": data,

@@ -128,3 +128,6 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
     ]
     assert report["data"]["held_out_files"] > 0 and "| k3_recipe |" in table
     assert sorted(report["rows"][2]["bpb_by_passes"]) == [str(k) for k in range(1, 7)]
+    curve = report["rows"][2]["exit_curve"]  # k3_recipe has a verifier: fixed K, then every threshold
+    assert curve[0]["threshold"] is None and curve[0]["passes_skipped"] == 0 and len(curve) > 3
+    assert "exit_curve" not in report["rows"][3]  # k3_recipe_nomem: no verifier, no exits
