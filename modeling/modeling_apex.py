@@ -1131,8 +1131,9 @@ class ApexModel(ApexPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         hidden_states = self._attach_refinement_losses(hidden_states, pass_states, verifier_scores, attention_mask)
 
-        steps_used = exits.steps_used if exits is not None else None
-        if steps_used is None:
+        if exits is not None:
+            steps_used = exits.steps_used
+        else:
             steps_used = torch.full(inputs_embeds.shape[:2], num_passes, device=inputs_embeds.device)
         return ApexModelOutputWithPast(
             last_hidden_state=hidden_states,
