@@ -125,6 +125,8 @@ class ApexConfig(PreTrainedConfig):
             fraction of its update, `h + g_k * (core(h) - h)`, `g_k` initialised to 1. Upcycling a single-pass model
             sets `g_k = 0`, which makes the extra passes identities at initialisation.
         refinement_dim: width of the proposal / review / refinement projections.
+        refinement_verifier: build the per-token verifier (`None`, the default: exactly when there is a memory, which
+            reads its score). `True` without the memory gives early exit to a loop that needs no memory.
         verifier_loss_coef: weight of the verifier loss. The verifier predicts, per token and pass, whether this
             pass's logit-lens prediction (final norm + LM head) already equals the model's final prediction: a
             halting target that needs no labels, so generation can skip passes where it is confident.
@@ -150,7 +152,7 @@ class ApexConfig(PreTrainedConfig):
             (`None` = off; overridable per call). Skipped passes keep a KV entry (the token's latest computed pass),
             so cached generation equals recomputation with the same exits; outputs report `refinement_steps_used`.
             0 exits every token after pass 1 (the logits of `num_refinement_steps=1`); above 1 nobody exits. Needs
-            the verifier (`memory_injection` other than `"none"`).
+            the verifier (`refinement_verifier`).
         Auxiliary losses (verifier, consistency, router z-loss) are attached to the activations with an identity
         autograd function that adds their gradient in backward, so they also train when a trainer (TRL) runs only
         the backbone and its own LM head. Their values are kept in `ApexModel.aux_losses` for logging.
@@ -265,6 +267,7 @@ class ApexConfig(PreTrainedConfig):
     max_refinement_steps: int | None = None
     num_hidden_layers: int | None = None
     memory_injection: str = "none"
+    refinement_verifier: bool | None = None
     refinement_pass_gate: bool = False
     refinement_dim: int | None = None
     verifier_loss_coef: float = 0.1
@@ -287,8 +290,6 @@ class ApexConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.max_refinement_steps is None:
             self.max_refinement_steps = self.num_refinement_steps
-        if self.refinement_sampling_max is None:
-            self.refinement_sampling_max = self.max_refinement_steps
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
         if self.attention_type == "mla":
@@ -560,6 +561,12 @@ class ApexConfig(PreTrainedConfig):
         )
         _require(self.refinement_dim >= 1, "refinement_dim", self.refinement_dim, ">= 1")
         _require(
+            self.refinement_verifier is not False or self.memory_injection == "none",
+            "refinement_verifier",
+            self.refinement_verifier,
+            f"True with memory_injection={self.memory_injection!r} (the memory update reads the verifier's score)",
+        )
+        _require(
             self.refinement_input_injection in REFINEMENT_INPUT_INJECTIONS,
             "refinement_input_injection",
             self.refinement_input_injection,
@@ -572,7 +579,7 @@ class ApexConfig(PreTrainedConfig):
             REFINEMENT_SAMPLINGS,
         )
         _require(
-            1 <= self.refinement_sampling_min <= self.refinement_sampling_max <= self.max_refinement_steps,
+            1 <= self.refinement_sampling_min <= self.sampled_passes_max <= self.max_refinement_steps,
             "refinement_sampling_min/max",
             (self.refinement_sampling_min, self.refinement_sampling_max),
             f"1 <= min <= max <= max_refinement_steps={self.max_refinement_steps}",
@@ -585,10 +592,10 @@ class ApexConfig(PreTrainedConfig):
                 ">= 0 or None (off)",
             )
             _require(
-                self.memory_injection != "none",
+                self.has_refinement_verifier,
                 "refinement_exit_threshold",
                 self.refinement_exit_threshold,
-                "None while memory_injection='none' (exits read the verifier, which comes with the memory)",
+                "None without the verifier it reads (set refinement_verifier=True)",
             )
         if self.refinement_backprop_steps is not None:
             _require(
@@ -640,6 +647,16 @@ class ApexConfig(PreTrainedConfig):
     @property
     def has_refinement_memory(self) -> bool:
         return self.memory_injection != "none"
+
+    @property
+    def sampled_passes_max(self) -> int:
+        """Upper bound of the passes drawn per training forward: `refinement_sampling_max`, or max_refinement_steps."""
+        return self.max_refinement_steps if self.refinement_sampling_max is None else self.refinement_sampling_max
+
+    @property
+    def has_refinement_verifier(self) -> bool:
+        """`refinement_verifier`, or, left unset, whether there is a memory (which reads the verifier's score)."""
+        return self.has_refinement_memory if self.refinement_verifier is None else self.refinement_verifier
 
     def expert_capacity(self, num_tokens: int) -> int:
         return math.ceil(self.expert_capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts)

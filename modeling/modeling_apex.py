@@ -830,6 +830,9 @@ class ApexRefinement(nn.Module):
     the anchor is the prelude output (the invariant the loop must not drift from). M_k is injected into the next pass
     and the coda: `gated_add` adds it through a per-channel gate; `cross_attention` lets the token attend over its own
     history M_1..M_k (same position, earlier passes only: causal, and nothing to cache across positions).
+
+    With `memory_injection="none"` and `refinement_verifier=True` only the verifier is built (R_k and s_k): the
+    scores still train and drive early exit, and nothing enters the residual stream.
     """
 
     def __init__(self, config: ApexConfig):
@@ -837,11 +840,13 @@ class ApexRefinement(nn.Module):
         hidden, width = config.hidden_size, config.refinement_dim
         self.injection = config.memory_injection
         self.input_norm = ApexRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.refinement_proj = nn.Linear(hidden, width, bias=False)
+        self.verifier = nn.Linear(width, 1)
+        if not self.has_memory:
+            return
         self.proposal_proj = nn.Linear(hidden, width, bias=False)
         self.review_proj = nn.Linear(hidden, width, bias=False)
-        self.refinement_proj = nn.Linear(hidden, width, bias=False)
         self.anchor_proj = nn.Linear(hidden, width, bias=False)
-        self.verifier = nn.Linear(width, 1)
         self.score_embed = nn.Linear(1, width)
         self.memory_update = nn.Linear(5 * width, 2 * hidden)  # candidate and update gate
         if self.injection == "cross_attention":
@@ -851,16 +856,23 @@ class ApexRefinement(nn.Module):
         # Per-channel strength of the memory in the residual stream; zero makes the loop a plain recurrence.
         self.memory_gate = nn.Parameter(torch.zeros(hidden))
 
-    def encode_anchor(self, anchor: torch.Tensor) -> torch.Tensor:
-        return self.anchor_proj(self.input_norm(anchor))
+    @property
+    def has_memory(self) -> bool:
+        return self.injection != "none"
+
+    def encode_anchor(self, anchor: torch.Tensor) -> torch.Tensor | None:
+        return self.anchor_proj(self.input_norm(anchor)) if self.has_memory else None
 
     def forward(
-        self, hidden_states: torch.Tensor, anchor_features: torch.Tensor, memory: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One refinement step: the verifier score `[batch, seq]` and the updated memory `[batch, seq, hidden]`."""
+        self, hidden_states: torch.Tensor, anchor_features: torch.Tensor | None, memory: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One refinement step: the verifier score `[batch, seq]` and the updated memory `[batch, seq, hidden]`
+        (None without memory)."""
         x = self.input_norm(hidden_states)
         refinement = self.refinement_proj(x)
         score = torch.sigmoid(self.verifier(F.silu(refinement)))
+        if not self.has_memory:
+            return score.squeeze(-1), None
         features = torch.cat(
             (self.proposal_proj(x), self.review_proj(x), refinement, self.score_embed(score), anchor_features), dim=-1
         )
@@ -877,6 +889,18 @@ class ApexRefinement(nn.Module):
         weights = (query * self.memory_key(history)).sum(-1) / math.sqrt(query.shape[-1])
         read = (weights.softmax(dim=-1).unsqueeze(-1) * self.memory_value(history)).sum(-2)
         return hidden_states + self.memory_gate * read
+
+
+def score_and_remember(
+    refinement: ApexRefinement, hidden_states, anchor_features, memories: list, exits
+) -> torch.Tensor:
+    """The verifier's score of a pass; appends the pass's memory to `memories` (held for tokens that have exited)."""
+    score, memory = refinement(hidden_states, anchor_features, memories[-1] if memories else None)
+    if memory is not None:
+        if exits is not None and memories:
+            memory = exits.keep_exited(memory, memories[-1])
+        memories.append(memory)
+    return score
 
 
 class ApexInputInjection(nn.Module):
@@ -1035,7 +1059,7 @@ class ApexModel(ApexPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([ApexDecoderLayer(config, i) for i in range(config.num_physical_layers)])
-        if config.has_refinement_memory:
+        if config.has_refinement_verifier:
             self.refinement = ApexRefinement(config)
         if config.refinement_pass_gate and config.max_refinement_steps > 1:
             self.pass_gates = nn.Parameter(torch.ones(config.max_refinement_steps - 1, config.hidden_size))
@@ -1151,7 +1175,7 @@ class ApexModel(ApexPreTrainedModel):
         refinement = getattr(self, "refinement", None)
         input_injection = getattr(self, "input_injection", None)
         prelude_output = hidden_states
-        anchor_features = refinement.encode_anchor(hidden_states) if refinement is not None else None
+        anchor_features = refinement.encode_anchor(hidden_states) if refinement is not None else None  # memory only
         pass_states, verifier_scores, memories = [], [], []
         grad_enabled, first_backprop_pass = torch.is_grad_enabled(), self._first_backprop_pass(num_passes)
         for step in range(num_passes):
@@ -1160,7 +1184,7 @@ class ApexModel(ApexPreTrainedModel):
                 break
             with torch.set_grad_enabled(grad_enabled and step >= first_backprop_pass):
                 pass_input = hidden_states
-                if step > 0 and refinement is not None:
+                if step > 0 and memories:
                     hidden_states = refinement.inject(hidden_states, memories)
                 if step > 0 and input_injection is not None:
                     hidden_states = input_injection(hidden_states, prelude_output)
@@ -1172,14 +1196,12 @@ class ApexModel(ApexPreTrainedModel):
                     hidden_states = exits.keep_exited(hidden_states, pass_input)
                 pass_states.append(hidden_states)
                 if refinement is not None:
-                    score, memory = refinement(hidden_states, anchor_features, memories[-1] if memories else None)
-                    if exits is not None and memories:
-                        memory = exits.keep_exited(memory, memories[-1])
-                    verifier_scores.append(score)
-                    memories.append(memory)
+                    verifier_scores.append(
+                        score_and_remember(refinement, hidden_states, anchor_features, memories, exits)
+                    )
                     if exits is not None and step < num_passes - 1:
-                        exits.after_pass(step, score)
-        if refinement is not None:
+                        exits.after_pass(step, verifier_scores[-1])
+        if memories:
             hidden_states = refinement.inject(hidden_states, memories)
         return hidden_states, pass_states, verifier_scores, memories
 
@@ -1203,8 +1225,8 @@ class ApexModel(ApexPreTrainedModel):
             return None
         if not hasattr(self, "refinement"):
             raise ValueError(
-                f"refinement_exit_threshold={threshold} needs the verifier, which this model does not have "
-                f"(memory_injection='none'); build it with memory_injection='gated_add' or 'cross_attention'"
+                f"refinement_exit_threshold={threshold} needs the verifier, which this model does not have; build it "
+                f"with refinement_verifier=True"
             )
         if threshold < 0:
             raise ValueError(f"refinement_exit_threshold={threshold} is invalid: must be >= 0 (above 1 turns it off)")
@@ -1247,7 +1269,7 @@ class ApexModel(ApexPreTrainedModel):
         config = self.config
         self._training_forwards += 1
         generator = torch.Generator().manual_seed(self._training_forwards)
-        low, high = config.refinement_sampling_min, config.refinement_sampling_max
+        low, high = config.refinement_sampling_min, config.sampled_passes_max
         if config.refinement_sampling == "uniform":
             return int(torch.randint(low, high + 1, (), generator=generator))
         mean_extra = torch.tensor(float(config.num_refinement_steps - 1))

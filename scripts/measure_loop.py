@@ -50,7 +50,7 @@ EXIT_THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
 # The recipe under test; the presets with K > 1 take what measures best. Measured so far (600 steps, see README):
 # input injection helps; a random number of passes per step (uniform 1..6 with backpropagation through the last 3,
 # or uniform 2..4) costs 6-10 % held-out loss at this length: an ablation (`k3_sampled_nomem`), not the recipe.
-LOOP_RECIPE = dict(refinement_input_injection="add")
+LOOP_RECIPE = dict(refinement_input_injection="add", refinement_verifier=True)  # the verifier drives early exit
 SAMPLED = dict(
     refinement_sampling="uniform",
     refinement_sampling_min=TRAINED_PASSES - 1,
@@ -281,7 +281,7 @@ def train_variant(variant: Variant, args, scale: Scale, train_stream, windows, s
         result["held_out_loss_by_passes"] = {
             k: held_out_loss(model, windows, device, num_refinement_steps=k) for k in EVAL_PASSES
         }
-    if config.memory_injection != "none":  # the verifier comes with the memory
+    if config.has_refinement_verifier:
         result["exit_curve"] = exit_curve(model, windows, device)
     print(f"  {variant.name} seed {seed}: {json.dumps(result)}", flush=True)
     return result

@@ -14,6 +14,8 @@ NEW_TOKENS = 6
 
 def build(variant, **overrides):
     torch.manual_seed(0)
+    if variant == "verifier_only":
+        variant, overrides = "gqa", {**VERIFIER_ONLY, **overrides}
     config = tiny_config(variant, **overrides)
     config._attn_implementation = "eager"  # attention sinks (family_knobs) need it; one backend for every variant
     config._experts_implementation = "batched_mm"  # per-token expert compute: batch and row alone round alike
@@ -50,7 +52,11 @@ def mid_threshold(model, inputs) -> float:
     return scores.median().item()
 
 
-@pytest.fixture(params=list(VARIANTS))
+# The verifier without the memory (`refinement_verifier=True`, `memory_injection="none"`) next to every variant.
+VERIFIER_ONLY = dict(memory_injection="none", refinement_verifier=True)
+
+
+@pytest.fixture(params=[*VARIANTS, "verifier_only"])
 def variant(request):
     return request.param
 
@@ -148,3 +154,14 @@ def test_threshold_checks():
         plain(ids(), refinement_exit_threshold=0.5)
     with pytest.raises(ValueError, match=">= 0"):
         build("gqa")(ids(), refinement_exit_threshold=-1.0)
+
+
+def test_the_verifier_works_without_the_memory():
+    model = build("verifier_only").train()
+    assert not hasattr(model.model.refinement, "memory_gate")
+    out = model(ids(), labels=ids())
+    assert len(out.verifier_scores) == 3 and out.memory_states == ()
+    out.loss.backward()
+    assert model.model.refinement.verifier.weight.grad.abs().sum() > 0  # the verifier loss trains it
+    with pytest.raises((ValueError, StrictDataclassClassValidationError), match="refinement_verifier"):
+        ApexConfig(num_refinement_steps=2, memory_injection="gated_add", refinement_verifier=False)

@@ -130,4 +130,5 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
     assert sorted(report["rows"][2]["bpb_by_passes"]) == [str(k) for k in range(1, 7)]
     curve = report["rows"][2]["exit_curve"]  # k3_recipe has a verifier: fixed K, then every threshold
     assert curve[0]["threshold"] is None and curve[0]["passes_skipped"] == 0 and len(curve) > 3
-    assert "exit_curve" not in report["rows"][3]  # k3_recipe_nomem: no verifier, no exits
+    assert "exit_curve" in report["rows"][3]  # k3_recipe_nomem: the verifier without the memory
+    assert "exit_curve" not in report["rows"][0]  # k1: nothing to exit from
