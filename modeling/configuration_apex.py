@@ -127,9 +127,12 @@ class ApexConfig(PreTrainedConfig):
         refinement_dim: width of the proposal / review / refinement projections.
         refinement_verifier: build the per-token verifier (`None`, the default: exactly when there is a memory, which
             reads its score). `True` without the memory gives early exit to a loop that needs no memory.
-        verifier_loss_coef: weight of the verifier loss. The verifier predicts, per token and pass, whether this
-            pass's logit-lens prediction (final norm + LM head) already equals the model's final prediction: a
-            halting target that needs no labels, so generation can skip passes where it is confident.
+        verifier_loss_coef: weight of the verifier loss. The verifier predicts, per token and pass, how close this
+            pass's next-token distribution already is to the model's final one, `exp(-KL(final || pass))`: a halting
+            target that needs no labels and whose -log bounds the expected loss increase of stopping there, so
+            generation can skip passes where it is confident. The pass's distribution is its exit read out through
+            the coda when the exit loss trains (`refinement_exit_loss_coef`), else its logit lens (final norm + LM
+            head on the pass's state).
         consistency_loss_coef: weight of `1 - cos(h_k, h_{k+1})` between consecutive passes (pushes the loop towards
             a fixed point, which makes early exit safe).
 
@@ -146,6 +149,11 @@ class ApexConfig(PreTrainedConfig):
         refinement_backprop_steps: backpropagate through only the last n passes (truncated backpropagation through
             the loop, as Huginn); earlier passes run without gradients, which saves their activations and backward.
             `None` = all passes.
+        refinement_exit_loss_coef: weight of the exit loss (Ouro's loss over exits). In a training forward every
+            pass but the last is also read out through the coda, as if each token left the loop there; with labels,
+            the mean of those exits' next-token losses is added to the loss with this weight. It trains every pass to
+            be a usable exit (early exit, and a smaller K at inference), and the verifier's target becomes the exit's
+            own distribution's closeness to the final one. Costs one coda run per earlier pass. 0 = off.
 
     Early exit (inference):
         refinement_exit_threshold: a token leaves the loop after the first pass whose verifier score reaches it
@@ -277,6 +285,7 @@ class ApexConfig(PreTrainedConfig):
     refinement_sampling_min: int = 1
     refinement_sampling_max: int | None = None
     refinement_backprop_steps: int | None = None
+    refinement_exit_loss_coef: float = 0.0
     refinement_exit_threshold: float | None = None
 
     # optional heads
@@ -507,6 +516,7 @@ class ApexConfig(PreTrainedConfig):
             "router_z_loss_coef",
             "verifier_loss_coef",
             "consistency_loss_coef",
+            "refinement_exit_loss_coef",
             "mtp_loss_coef",
         ):
             _require(getattr(self, field) >= 0, field, getattr(self, field), ">= 0 (a loss coefficient)")

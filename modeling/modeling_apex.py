@@ -825,7 +825,8 @@ class ApexRefinement(nn.Module):
     """What runs between two passes of the shared core, per token (so it cannot leak future positions).
 
     After pass k the normed state x_k is projected into a proposal P_k, a review C_k and a refinement R_k. The
-    verifier reads R_k and outputs s_k in [0, 1], its estimate that this pass already predicts the final next token.
+    verifier reads R_k and outputs s_k in [0, 1], its estimate of how close this pass's next-token distribution already
+    is to the final one (`exp(-KL)`, see `ApexModel._closeness_to_final`).
     The spiral memory M_k is a gated update of M_{k-1} towards `tanh(W [P_k, C_k, R_k, embed(s_k), anchor])`, where
     the anchor is the prelude output (the invariant the loop must not drift from). M_k is injected into the next pass
     and the coda: `gated_add` adds it through a per-channel gate; `cross_attention` lets the token attend over its own
@@ -870,11 +871,19 @@ class ApexRefinement(nn.Module):
         (None without memory)."""
         x = self.input_norm(hidden_states)
         refinement = self.refinement_proj(x)
-        score = torch.sigmoid(self.verifier(F.silu(refinement)))
+        # The sigmoid in float32: exit thresholds sit near 1 (0.999 is a KL of 0.001), where bf16 steps by 0.004.
+        score = torch.sigmoid(self.verifier(F.silu(refinement)).float())
         if not self.has_memory:
             return score.squeeze(-1), None
         features = torch.cat(
-            (self.proposal_proj(x), self.review_proj(x), refinement, self.score_embed(score), anchor_features), dim=-1
+            (
+                self.proposal_proj(x),
+                self.review_proj(x),
+                refinement,
+                self.score_embed(score.to(x.dtype)),
+                anchor_features,
+            ),
+            dim=-1,
         )
         candidate, update_gate = self.memory_update(features).chunk(2, dim=-1)
         candidate, update_gate = torch.tanh(candidate), torch.sigmoid(update_gate)
@@ -973,6 +982,8 @@ class ApexModelOutputWithPast(MoeModelOutputWithPast):
     verifier_scores: tuple[torch.Tensor, ...] | None = None
     memory_states: tuple[torch.Tensor, ...] | None = None
     refinement_steps_used: torch.LongTensor | None = None  # [batch, seq]: passes each token ran (early exit)
+    # Training forwards with the exit loss: every pass but the last read out through the coda and final norm.
+    exit_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -1130,7 +1141,7 @@ class ApexModel(ApexPreTrainedModel):
 
         exits = self._resolve_exits(refinement_exit_threshold, inputs_embeds, num_passes)
 
-        def run_layer(hidden_states: torch.Tensor, unrolled_index: int) -> torch.Tensor:
+        def run_layer(hidden_states: torch.Tensor, unrolled_index: int, cache: Cache | None = past_key_values):
             layer_type = config.layer_types[unrolled_index]
             in_core = config.num_prelude_layers <= unrolled_index < config.unrolled_coda_start
             return self.layers[config.physical_layer_index(unrolled_index)](
@@ -1138,11 +1149,16 @@ class ApexModel(ApexPreTrainedModel):
                 attention_mask=causal_mask_mapping[layer_type],
                 position_embeddings=position_embeddings[layer_type],
                 cache_index=unrolled_index,
-                **{CACHE_NAME: past_key_values},
+                **{CACHE_NAME: cache},
                 position_ids=position_ids,  # flash attention reads packed documents from them (it takes no mask)
                 **({"exits": exits} if exits is not None and in_core else {}),
                 **kwargs,
             )
+
+        def run_coda(hidden_states: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+            for unrolled_index in range(config.unrolled_coda_start, config.num_hidden_layers):
+                hidden_states = run_layer(hidden_states, unrolled_index, cache)
+            return self.norm(hidden_states)
 
         hidden_states = inputs_embeds
         for unrolled_index in range(config.num_prelude_layers):
@@ -1150,10 +1166,12 @@ class ApexModel(ApexPreTrainedModel):
         hidden_states, pass_states, verifier_scores, memories = self._refine(
             hidden_states, num_passes, run_layer, exits, past_key_values
         )
-        for unrolled_index in range(config.unrolled_coda_start, config.num_hidden_layers):
-            hidden_states = run_layer(hidden_states, unrolled_index)
-        hidden_states = self.norm(hidden_states)
-        hidden_states = self._attach_refinement_losses(hidden_states, pass_states, verifier_scores, attention_mask)
+        # Before the model's own coda run, so recorded hidden states still end with the model's last layers.
+        exit_states = self._read_out_exits(pass_states, memories, run_coda)
+        hidden_states = run_coda(hidden_states, past_key_values)
+        hidden_states = self._attach_refinement_losses(
+            hidden_states, pass_states, verifier_scores, attention_mask, exit_states
+        )
 
         if exits is not None:
             steps_used = exits.steps_used
@@ -1165,6 +1183,7 @@ class ApexModel(ApexPreTrainedModel):
             verifier_scores=tuple(verifier_scores),
             memory_states=tuple(memories),
             refinement_steps_used=steps_used,
+            exit_hidden_states=tuple(exit_states) or None,
         )
 
     def _refine(self, hidden_states, num_passes, run_layer, exits: RefinementExits | None, cache: Cache | None):
@@ -1204,6 +1223,20 @@ class ApexModel(ApexPreTrainedModel):
         if memories:
             hidden_states = refinement.inject(hidden_states, memories)
         return hidden_states, pass_states, verifier_scores, memories
+
+    def _read_out_exits(self, pass_states: list, memories: list, run_coda) -> list[torch.Tensor]:
+        """Training forwards with the exit loss (`refinement_exit_loss_coef`): every pass but the last read out through
+        the coda and the final norm, as if every token left the loop after it (with the memory it had then). Run
+        without the cache: a training forward's cache, if any, belongs to the model's own coda run."""
+        if self.config.refinement_exit_loss_coef <= 0 or not self._trains_loop():
+            return []
+        refinement = getattr(self, "refinement", None)
+        exit_states = []
+        for step, state in enumerate(pass_states[:-1]):
+            if memories:
+                state = refinement.inject(state, memories[: step + 1])
+            exit_states.append(run_coda(state, None))
+        return exit_states
 
     def _fill_skipped_passes(self, exits: RefinementExits, cache: Cache | None, first_skipped: int, num_passes: int):
         """Every token has left the loop: the cache slots of the passes not run get each core layer's latest keys and
@@ -1323,7 +1356,7 @@ class ApexModel(ApexPreTrainedModel):
             if isinstance(module, ApexTopKRouter):
                 module.update_bias_from_load()  # zero load since the last update moves nothing: sign(0) = 0
 
-    def _attach_refinement_losses(self, hidden_states, pass_states, verifier_scores, attention_mask):
+    def _attach_refinement_losses(self, hidden_states, pass_states, verifier_scores, attention_mask, exit_states):
         """In training, the verifier and consistency losses are attached to the final hidden state so that they train
         under any loss computed from it (see `AuxLossAutoScaler`). Detached values go to `self.aux_losses`."""
         config = self.config
@@ -1343,7 +1376,13 @@ class ApexModel(ApexPreTrainedModel):
 
         total = hidden_states.new_zeros((), dtype=torch.float32)
         if verifier_scores:
-            targets = self._final_prediction_agreement(pass_states, hidden_states)
+            # What each pass would predict: its exit read out through the coda when the exit loss trains (the last
+            # pass's exit is the model's output), else its logit lens.
+            if exit_states:
+                readouts = [*exit_states, hidden_states]
+            else:
+                readouts = [self.norm(state) for state in pass_states]
+            targets = self._closeness_to_final(readouts, hidden_states)
             # The scores are already sigmoids; autocast refuses binary_cross_entropy, so it runs in fp32 outside it.
             with torch.autocast(hidden_states.device.type, enabled=False):
                 verifier_loss = torch.stack(
@@ -1353,9 +1392,9 @@ class ApexModel(ApexPreTrainedModel):
                     ]
                 ).mean()
             self.aux_losses["verifier_loss"] = verifier_loss.detach()
-            self.aux_losses["verifier_accuracy"] = torch.stack(
+            self.aux_losses["verifier_error"] = torch.stack(
                 [
-                    token_mean(((score.detach() > 0.5).float() == target).float())
+                    token_mean((score.detach().float() - target).abs())
                     for score, target in zip(verifier_scores, targets)
                 ]
             ).mean()
@@ -1381,22 +1420,27 @@ class ApexModel(ApexPreTrainedModel):
         self._output_head = [head]
 
     @torch.no_grad()
-    def _final_prediction_agreement(self, pass_states, final_hidden, chunk_size: int = 1024) -> list[torch.Tensor]:
-        """Verifier targets, no labels needed: 1 where the pass's logit-lens prediction (final norm + LM head on the
-        pass's state) already equals the model's final prediction, i.e. where stopping after that pass would not
-        change the next token (a halting target in the spirit of PonderNet). Chunked, so no logits are kept."""
+    def _closeness_to_final(self, readouts, final_hidden, chunk_size: int = 1024) -> list[torch.Tensor]:
+        """Verifier targets, no labels needed: `exp(-KL(final || pass))` per token, between the model's final
+        next-token distribution and the one a pass's readout gives (the LM head on it). When the final distribution is
+        calibrated, the KL is the expected loss increase from stopping after that pass, so a threshold t on the score
+        bounds it near -log t (a halting target in the spirit of PonderNet and CALM). An earlier target, "the pass's
+        top token equals the final one", let tokens leave whose probabilities were still far off. Chunked, so no
+        full logits are kept; float32 for the softmaxes."""
         head = self._output_head[0] if self._output_head else None
 
-        def predict(hidden: torch.Tensor) -> torch.Tensor:
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            chunks = [
-                (head(chunk) if head is not None else F.linear(chunk, self.embed_tokens.weight)).argmax(-1)
-                for chunk in flat.split(chunk_size)
-            ]
-            return torch.cat(chunks).view(hidden.shape[:-1])
+        def log_probs(hidden: torch.Tensor) -> torch.Tensor:
+            logits = head(hidden) if head is not None else F.linear(hidden, self.embed_tokens.weight)
+            return F.log_softmax(logits.float(), dim=-1)
 
-        final = predict(final_hidden)
-        return [(predict(self.norm(state)) == final).float() for state in pass_states]
+        chunked_readouts = [readout.reshape(-1, readout.shape[-1]).split(chunk_size) for readout in readouts]
+        kl = [[] for _ in readouts]
+        for index, final_chunk in enumerate(final_hidden.reshape(-1, final_hidden.shape[-1]).split(chunk_size)):
+            final_log_probs = log_probs(final_chunk)
+            for readout_kl, chunks in zip(kl, chunked_readouts):
+                pointwise = F.kl_div(log_probs(chunks[index]), final_log_probs, log_target=True, reduction="none")
+                readout_kl.append(pointwise.sum(-1))
+        return [torch.exp(-torch.cat(k).clamp(min=0)).view(r.shape[:-1]) for k, r in zip(kl, readouts)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1501,6 +1545,9 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if outputs.exit_hidden_states:
+                exit_loss = self._exit_loss(outputs.exit_hidden_states, labels, **kwargs)
+                loss = loss + self.config.refinement_exit_loss_coef * exit_loss
 
         aux_loss = None
         if output_router_logits and outputs.router_logits:
@@ -1535,6 +1582,14 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             refinement_steps_used=outputs.refinement_steps_used,
             mtp_loss=mtp_loss,
         )
+
+    def _exit_loss(self, exit_hidden_states, labels, **kwargs) -> torch.Tensor:
+        """The exit loss (`refinement_exit_loss_coef`): the mean next-token loss of the earlier passes' exits."""
+        losses = []
+        for step, exit_state in enumerate(exit_hidden_states, start=1):
+            losses.append(self.loss_function(self.lm_head(exit_state), labels, self.vocab_size, **kwargs))
+            self.model.aux_losses[f"exit_loss_pass{step}"] = losses[-1].detach()
+        return torch.stack(losses).mean()
 
     def _multi_token_prediction_loss(self, hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs):
         """Depth d predicts token i + d + 1 from position i, on the positions where that token exists in the same

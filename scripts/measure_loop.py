@@ -7,13 +7,14 @@ same order, with the same optimizer and schedule (AdamW, warm-up then cosine, bf
 PyTorch loop: the loop recipe lives in the model (`ApexConfig.refinement_*`), so nothing here implements it.
 
 Variants (the rows of the table; `--variants` picks some):
-    k1              K = 1, the P + C + D stack once
-    k3_plain        K = 3 with verifier and spiral memory, no loop recipe (the model before the recipe)
-    k3_recipe       K = 3 with memory and the loop recipe (`LOOP_RECIPE`)
-    k3_recipe_nomem K = 3 with the recipe, memory off
-    k3_sampled_nomem  the recipe with 2..4 passes drawn per training step (an ablation; not run by default)
-    unique_depth    K = 1 with 3 x C unique core layers: the unrolled depth of K = 3, with ~2 x the parameters
-    k1_equal_flops  K = 1 trained for as many steps as its FLOPs take to match K = 3's
+    k1                 K = 1, the P + C + D stack once
+    k3_plain           K = 3 with verifier and spiral memory, no loop recipe (the model before the recipe)
+    k3_recipe          K = 3 with the loop recipe (`LOOP_RECIPE`): what the presets with K > 1 use
+    k3_recipe_memory   the recipe plus the spiral memory
+    k3_no_exit_loss    the recipe without the exit loss (an ablation)
+    k3_sampled         the recipe with 2..4 passes drawn per training step (an ablation)
+    unique_depth       K = 1 with 3 x C unique core layers: the unrolled depth of K = 3, with ~2 x the parameters
+    k1_equal_flops     K = 1 trained for as many steps as its FLOPs take to match K = 3's
 
 It prints markdown tables and writes JSON: held-out loss (nats per byte and bits per byte) per variant and seed, the
 change against K = 1 on the same seed, the seed-to-seed spread, each K = 3 model evaluated at K = 1 .. 2 x 3, training
@@ -40,17 +41,18 @@ from pathlib import Path
 import torch
 
 from apex_hf import ApexConfig, ApexForCausalLM
+from apex_hf.presets import LOOP_RECIPE
 
 
 TRAINED_PASSES = 3
 EVAL_PASSES = tuple(range(1, 2 * TRAINED_PASSES + 1))
 HELD_OUT_MODULUS = 10
-EXIT_THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)
+EXIT_THRESHOLDS = (0.999, 0.995, 0.99, 0.95, 0.9, 0.7, 0.5)  # the scores are exp(-KL): the useful ones are near 1
+PROGRESS_EVERY = 200  # training steps between progress lines
 
-# The recipe under test; the presets with K > 1 take what measures best. Measured so far (600 steps, see README):
-# input injection helps; a random number of passes per step (uniform 1..6 with backpropagation through the last 3,
-# or uniform 2..4) costs 6-10 % held-out loss at this length: an ablation (`k3_sampled_nomem`), not the recipe.
-LOOP_RECIPE = dict(refinement_input_injection="add", refinement_verifier=True)  # the verifier drives early exit
+# The recipe under test is the presets' (`apex_hf.presets.LOOP_RECIPE`). A random number of passes per step
+# (uniform 1..6 with backpropagation through the last 3, or uniform 2..4) cost held-out loss at every length tried:
+# an ablation (`k3_sampled`), not the recipe.
 SAMPLED = dict(
     refinement_sampling="uniform",
     refinement_sampling_min=TRAINED_PASSES - 1,
@@ -116,12 +118,14 @@ VARIANTS = {
     for v in (
         Variant("k1"),
         Variant("k3_plain", dict(LOOPED, memory_injection="gated_add"), evaluate_passes=True),
-        Variant("k3_recipe", dict(LOOPED, memory_injection="gated_add", **LOOP_RECIPE), evaluate_passes=True),
-        Variant("k3_recipe_nomem", dict(LOOPED, **LOOP_RECIPE), evaluate_passes=True),
-        Variant("k3_sampled_nomem", dict(LOOPED, **LOOP_RECIPE, **SAMPLED), evaluate_passes=True),
+        Variant("k3_recipe", dict(LOOPED, **LOOP_RECIPE), evaluate_passes=True),
+        Variant("k3_recipe_memory", dict(LOOPED, **LOOP_RECIPE, memory_injection="gated_add"), evaluate_passes=True),
+        Variant("k3_no_exit_loss", {**LOOPED, **LOOP_RECIPE, "refinement_exit_loss_coef": 0.0}, evaluate_passes=True),
+        Variant("k3_sampled", dict(LOOPED, **LOOP_RECIPE, **SAMPLED), evaluate_passes=True),
         Variant("unique_depth", core_multiplier=TRAINED_PASSES),
-        # Unrolled depth P + 3C + D against P + C + D: the step multiplier that equals K = 3's training FLOPs.
-        Variant("k1_equal_flops", step_multiplier=(2 + 3 * 4 + 2) / (2 + 4 + 2)),
+        # Layers run per token, K = 3 with the recipe (P + 3C + D, and D again for each of the 2 earlier exits)
+        # against K = 1 (P + C + D): the step multiplier that equals the recipe's training FLOPs.
+        Variant("k1_equal_flops", step_multiplier=(2 + 3 * 4 + 2 + 2 * 2) / (2 + 4 + 2)),
     )
 }
 
@@ -218,25 +222,33 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, device: to
     return new_tokens / (time.perf_counter() - started)
 
 
-def exit_curve(model, windows: torch.Tensor, device: torch.device) -> list[dict]:
-    """Per threshold: held-out loss, share of core passes skipped, batch-1 decode tokens/s (a quarter window of
-    held-out prompt, up to 64 bytes generated: eager batch-1 decoding is slow); `None` = fixed K."""
-    quarter = windows.shape[1] // 4
-    prompt, new_tokens = windows[:1, :quarter], min(quarter, 64)
+def exit_curve(model, windows: torch.Tensor, device: torch.device, decode: bool) -> list[dict]:
+    """Per threshold (`None` = fixed K): held-out loss, share of core passes skipped and, with `decode`, batch-1
+    decode tokens/s (see `add_decode_speeds`)."""
     curve = []
     for threshold in (None, *EXIT_THRESHOLDS):
         loss, passes = held_out_loss_and_passes(model, windows, device, refinement_exit_threshold=threshold)
-        curve.append(
-            {
-                "threshold": threshold,
-                "held_out_loss": loss,
-                "passes_skipped": 1 - passes / TRAINED_PASSES,
-                "decode_tokens_per_s": decode_tokens_per_s(
-                    model, prompt, new_tokens, device, refinement_exit_threshold=threshold
-                ),
-            }
-        )
+        curve.append({"threshold": threshold, "held_out_loss": loss, "passes_skipped": 1 - passes / TRAINED_PASSES})
+    if decode:
+        add_decode_speeds(model, windows, device, curve)
     return curve
+
+
+def add_decode_speeds(model, windows: torch.Tensor, device: torch.device, curve: list[dict], rounds: int = 2) -> None:
+    """Batch-1 decode tokens/s of every point of an exit curve: a quarter window of held-out prompt, up to 64 bytes
+    generated (eager batch-1 decoding is slow). Measured in rounds over all thresholds, keeping each one's median, so
+    a change in the machine's load hits every threshold alike."""
+    quarter = windows.shape[1] // 4
+    prompt, new_tokens = windows[:1, :quarter], min(quarter, 64)
+    speeds = [[] for _ in curve]
+    for _ in range(rounds):
+        for point, measured in zip(curve, speeds):
+            threshold = point["threshold"]
+            measured.append(
+                decode_tokens_per_s(model, prompt, new_tokens, device, refinement_exit_threshold=threshold)
+            )
+    for point, measured in zip(curve, speeds):
+        point["decode_tokens_per_s"] = statistics.median(measured)
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -266,6 +278,9 @@ def train_variant(variant: Variant, args, scale: Scale, train_stream, windows, s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += batch.numel()
+        if (step + 1) % PROGRESS_EVERY == 0:  # the loss read syncs; rarely, so a long run shows it is alive
+            elapsed = time.perf_counter() - started
+            print(f"    {variant.name} seed {seed} step {step + 1}/{steps}: loss {loss.item():.3f}, {elapsed:.0f} s")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -282,9 +297,29 @@ def train_variant(variant: Variant, args, scale: Scale, train_stream, windows, s
             k: held_out_loss(model, windows, device, num_refinement_steps=k) for k in EVAL_PASSES
         }
     if config.has_refinement_verifier:
-        result["exit_curve"] = exit_curve(model, windows, device)
+        result["exit_curve"] = exit_curve(model, windows, device, decode=not args.no_decode)
+    if args.models is not None:
+        model.save_pretrained(args.models / run_name(result))
     print(f"  {variant.name} seed {seed}: {json.dumps(result)}", flush=True)
     return result
+
+
+def run_name(result: dict) -> str:
+    return f"{result['variant']}-seed{result['seed']}"
+
+
+def measure_saved_decode_speeds(runs: list[dict], models: Path, windows: torch.Tensor, device: torch.device) -> None:
+    """Decode speeds for runs trained with `--no-decode`, from the models they saved: for one GPU shared by several
+    training processes, speeds are measured afterwards, alone."""
+    for run in runs:
+        curve = run.get("exit_curve")
+        if curve and "decode_tokens_per_s" not in curve[0]:
+            if not (models / run_name(run)).is_dir():
+                print(f"  decode {run_name(run)}: no saved model in {models}, speeds not measured", flush=True)
+                continue
+            model = ApexForCausalLM.from_pretrained(models / run_name(run)).to(device)
+            add_decode_speeds(model, windows, device, curve)
+            print(f"  decode {run_name(run)}: {[round(p['decode_tokens_per_s'], 1) for p in curve]}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -308,12 +343,14 @@ def mean_exit_curve(runs: list[dict]) -> list[dict]:
     for points in zip(*(r["exit_curve"] for r in runs)):
         point = {"threshold": points[0]["threshold"]}
         for key in ("held_out_loss", "passes_skipped", "decode_tokens_per_s"):
-            point[key] = statistics.mean(p[key] for p in points)
+            if all(key in p for p in points):
+                point[key] = statistics.mean(p[key] for p in points)
         curve.append(point)
     fixed = curve[0]
     for point in curve:
         point["loss_change"] = point["held_out_loss"] / fixed["held_out_loss"] - 1
-        point["decode_speedup"] = point["decode_tokens_per_s"] / fixed["decode_tokens_per_s"]
+        if "decode_tokens_per_s" in point:
+            point["decode_speedup"] = point["decode_tokens_per_s"] / fixed["decode_tokens_per_s"]
     return curve
 
 
@@ -363,10 +400,10 @@ def print_exit_table(rows: list[dict]) -> None:
     for r in rows:
         for p in r.get("exit_curve", []):
             threshold = "fixed K" if p["threshold"] is None else f"{p['threshold']:.2f}"
+            decode = f"{p['decode_tokens_per_s']:,.1f} ({p['decode_speedup']:.2f}x)" if "decode_speedup" in p else "-"
             print(
                 f"| {r['variant']} | {threshold} | {bits_per_byte(p['held_out_loss']):.4f} | "
-                f"{100 * p['loss_change']:+.2f} % | {100 * p['passes_skipped']:.1f} % | "
-                f"{p['decode_tokens_per_s']:,.1f} ({p['decode_speedup']:.2f}x) |"
+                f"{100 * p['loss_change']:+.2f} % | {100 * p['passes_skipped']:.1f} % | {decode} |"
             )
 
 
@@ -382,7 +419,7 @@ def parse_override(parser: argparse.ArgumentParser, item: str) -> tuple[str, obj
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_variants = [name for name in VARIANTS if name != "k3_sampled_nomem"]
+    default_variants = [name for name in VARIANTS if name not in ("k3_no_exit_loss", "k3_sampled")]
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=default_variants)
     parser.add_argument("--steps", type=int, default=1200, help="training steps of the K = 1 variants")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -398,10 +435,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (refuses an existing file)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="report the runs of these earlier --out files together instead of training (one GPU can train several "
+        "variants in parallel processes, one --out each)",
+    )
+    parser.add_argument("--models", type=Path, help="save each trained model here; with --merge, load them from here")
+    parser.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="leave decode speeds out of the exit curve (measure them later, alone: --merge with --models)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on CPU: checks the script")
     args = parser.parse_args(argv)
     if args.out is not None and args.out.exists():
         parser.error(f"--out {args.out} exists; choose a new path")
+    for path in args.merge or []:
+        if not path.is_file():
+            parser.error(f"--merge {path}: no such file")
     args.override = dict(parse_override(parser, item) for item in args.override)
     if args.smoke:
         args.steps, args.seeds, args.max_megabytes, args.packages = 3, [0], 2.0, ["transformers"]
@@ -414,11 +467,19 @@ def main(argv: list[str] | None = None) -> int:
     train_stream, held_out_stream, data = byte_streams(args.packages, args.max_megabytes)
     windows = held_out_windows(held_out_stream, scale)
     print(f"data: {json.dumps(data)}; {len(train_stream):,} train bytes, {len(held_out_stream):,} held-out bytes")
-    results = [
-        train_variant(VARIANTS[name], args, scale, train_stream, windows, seed)
-        for seed in args.seeds
-        for name in args.variants
-    ]
+    if args.merge:
+        results = [run for path in args.merge for run in json.loads(path.read_text())["runs"]]
+        for run in results:  # JSON made the pass counts strings
+            if "held_out_loss_by_passes" in run:
+                run["held_out_loss_by_passes"] = {int(k): v for k, v in run["held_out_loss_by_passes"].items()}
+        if args.models is not None:
+            measure_saved_decode_speeds(results, args.models, windows, torch.device(args.device))
+    else:
+        results = [
+            train_variant(VARIANTS[name], args, scale, train_stream, windows, seed)
+            for seed in args.seeds
+            for name in args.variants
+        ]
     rows = summarise(results)
     print_table(rows)
     print_exit_table(rows)

@@ -1,5 +1,5 @@
 """The loop training recipe lives in the model: passes drawn per training forward, truncated backpropagation through
-the loop, input injection. Active in train() with gradients, inactive in eval() and under no_grad."""
+the loop, input injection, the exit loss. Active in train() with gradients, inactive in eval() and under no_grad."""
 
 import pytest
 import torch
@@ -59,9 +59,14 @@ def loop_gradients(model):
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("injection", ["add", "adapter"])
-def test_truncated_backprop_reaches_every_loop_parameter(injection):
-    model = build(num_refinement_steps=3, refinement_backprop_steps=1, refinement_input_injection=injection)
+@pytest.mark.parametrize("injection, exit_loss", [("add", 0.0), ("adapter", 0.0), ("add", 1.0)])
+def test_truncated_backprop_reaches_every_loop_parameter(injection, exit_loss):
+    model = build(
+        num_refinement_steps=3,
+        refinement_backprop_steps=1,
+        refinement_input_injection=injection,
+        refinement_exit_loss_coef=exit_loss,
+    )
     grads = loop_gradients(model)
     missing = [name for name, grad in grads.items() if grad is None or not grad.abs().sum() > 0]
     # The pass gates of unused slots and the fourth pass do not run; everything else must learn.
@@ -88,6 +93,34 @@ def test_input_injection_adapter_starts_as_addition_and_never_runs_at_one_pass()
     plain.load_state_dict(added.state_dict())
     assert torch.equal(plain(ids(), num_refinement_steps=1).logits, added(ids(), num_refinement_steps=1).logits)
     assert not torch.allclose(plain(ids()).logits, added(ids()).logits)
+
+
+def test_exit_loss_reads_each_earlier_pass_out_as_a_model_with_that_many_passes():
+    """Exit k of a training forward is what the model computes at num_refinement_steps=k (memory included), and the
+    loss is the final pass's plus the coefficient times the mean of the exits' losses."""
+    model = build(num_refinement_steps=3, refinement_input_injection="add", refinement_exit_loss_coef=0.5).train()
+    loss = model(ids(), labels=ids()).loss
+    exit_losses = [model.model.aux_losses[f"exit_loss_pass{k}"] for k in (1, 2)]
+    model.eval()
+    with torch.no_grad():
+        for k, exit_loss in zip((1, 2), exit_losses):
+            torch.testing.assert_close(exit_loss, model(ids(), labels=ids(), num_refinement_steps=k).loss)
+        final = model(ids(), labels=ids()).loss
+    torch.testing.assert_close(loss.detach(), final + 0.5 * torch.stack(exit_losses).mean())
+
+
+def test_exit_loss_only_in_training_forwards_with_labels():
+    model = build(num_refinement_steps=3, refinement_exit_loss_coef=1.0)
+    plain = build(num_refinement_steps=3)
+    plain.load_state_dict(model.state_dict())
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids(), labels=ids()).loss, plain(ids(), labels=ids()).loss)
+    model.train()
+    with torch.no_grad():  # train mode without gradients (a rollout): no exits read out
+        assert model.model(ids()).exit_hidden_states is None
+    assert len(model.model(ids()).exit_hidden_states) == 2  # read out for the verifier's targets, even without labels
+    assert model(ids()).loss is None
 
 
 @pytest.mark.parametrize(
@@ -122,7 +155,7 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
         "k1",
         "k3_plain",
         "k3_recipe",
-        "k3_recipe_nomem",
+        "k3_recipe_memory",
         "unique_depth",
         "k1_equal_flops",
     ]
@@ -130,5 +163,5 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
     assert sorted(report["rows"][2]["bpb_by_passes"]) == [str(k) for k in range(1, 7)]
     curve = report["rows"][2]["exit_curve"]  # k3_recipe has a verifier: fixed K, then every threshold
     assert curve[0]["threshold"] is None and curve[0]["passes_skipped"] == 0 and len(curve) > 3
-    assert "exit_curve" in report["rows"][3]  # k3_recipe_nomem: the verifier without the memory
+    assert "exit_curve" in report["rows"][3]  # k3_recipe_memory: the verifier with the memory
     assert "exit_curve" not in report["rows"][0]  # k1: nothing to exit from

@@ -20,7 +20,7 @@ def hand_count(config: ApexConfig) -> tuple[int, int]:
         config.head_dim,
     )
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    norms = 2 * hidden
+    norms = (4 if config.sandwich_norms else 2) * hidden
     dense = 3 * hidden * config.intermediate_size
     experts = config.num_experts * 3 * hidden * config.moe_intermediate_size
     experts_active = config.num_experts_per_tok * 3 * hidden * config.moe_intermediate_size
@@ -30,10 +30,11 @@ def hand_count(config: ApexConfig) -> tuple[int, int]:
     for mlp in config.physical("mlp_layer_types"):
         total += attention + norms + (experts + sparse_rest if mlp == "sparse" else dense)
         active += attention + norms + (experts_active + sparse_rest if mlp == "sparse" else dense)
-    if config.memory_injection != "none":
+    if config.has_refinement_verifier:
         width = config.refinement_dim
-        refinement = hidden + 4 * hidden * width + (width + 1) + 2 * width + (5 * width * 2 * hidden + 2 * hidden)
-        refinement += hidden  # memory_gate
+        refinement = hidden + hidden * width + (width + 1)  # input norm, refinement projection, verifier
+        if config.memory_injection != "none":  # proposal, review, anchor, score embedding, update, memory_gate
+            refinement += 3 * hidden * width + 2 * width + (5 * width * 2 * hidden + 2 * hidden) + hidden
         total, active = total + refinement, active + refinement
     embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2) + hidden  # + final norm
     return total + embeddings, active + embeddings
@@ -108,14 +109,14 @@ def test_meta_count_of_the_largest_preset_is_fast_and_allocates_nothing():
 def test_cli_info_presets_and_saved_config(capsys, tmp_path):
     assert main(["info", "apex-tiny"]) == 0
     out = capsys.readouterr().out
-    assert "302,577" in out and "train FLOPs / token at seq len 64" in out
+    assert "302,961" in out and "train FLOPs / token at seq len 64" in out
 
     assert main(["info", "myth", "--seq-len", "131072"]) == 0
     assert "seq len 131072" in capsys.readouterr().out
 
     get_preset("apex-tiny").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
-    assert "302,577" in capsys.readouterr().out
+    assert "302,961" in capsys.readouterr().out
 
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
@@ -124,3 +125,26 @@ def test_cli_info_presets_and_saved_config(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["info", "nope"])
     assert "known presets: apex-tiny" in capsys.readouterr().err
+
+
+def test_flops_count_the_exit_loss_coda_and_lm_head_once_per_earlier_pass():
+    from apex_hf.counting import _attention_dims, _tokens_held
+
+    config = get_preset("apex-tiny", tie_word_embeddings=False)
+    without = get_preset("apex-tiny", tie_word_embeddings=False, refinement_exit_loss_coef=0.0)
+    model = ApexForCausalLM(config)
+    coda = [model.model.layers[config.num_physical_layers - 1 - i] for i in range(config.num_coda_layers)]
+    experts_share = config.num_experts_per_tok / config.num_experts
+    coda_active = sum(
+        p.numel() * (experts_share if ".experts." in f".{name}" else 1)
+        for layer in coda
+        for name, p in layer.named_parameters()
+    )
+    d_qk, d_v = _attention_dims(config)
+    coda_attention = sum(
+        6 * config.num_attention_heads * (d_qk + d_v) * _tokens_held(config, t, 64)
+        for t in config.layer_types[config.unrolled_coda_start :]
+    )
+    per_exit = 6 * (coda_active + config.vocab_size * config.hidden_size) + coda_attention
+    extra = count(config, seq_len=64).train_flops_per_token - count(without, seq_len=64).train_flops_per_token
+    assert extra == pytest.approx((config.num_refinement_steps - 1) * per_exit)

@@ -17,7 +17,8 @@ The model is built on the meta device (shapes, no memory), so the numbers come f
   params are the non-embedding active params with core layers and the refinement head counted once per pass (they
   run K times), plus the LM head again for tied embeddings and once per MTP depth. `d_qk = d_v = head_dim` for GQA,
   `d_qk = qk_nope + qk_rope`, `d_v = v_head_dim` for MLA. Sliding layers use `S_eff = min(S, sliding_window)`, full
-  layers `S_eff = S`. The memory cross-attention (over at most K states per token) is left out: it is negligible.
+  layers `S_eff = S`. With the exit loss (`refinement_exit_loss_coef`) the coda and the LM head also run once per
+  earlier pass. The memory cross-attention (over at most K states per token) is left out: it is negligible.
 """
 
 from __future__ import annotations
@@ -79,14 +80,21 @@ def kv_cache_bytes(config: ApexConfig, context_len: int, dtype_bytes: int = 2) -
     )
 
 
+def _exit_readouts(config: ApexConfig) -> int:
+    """Extra coda and LM-head runs per training forward: one per earlier pass with the exit loss."""
+    return config.num_refinement_steps - 1 if config.refinement_exit_loss_coef > 0 else 0
+
+
 def _passes(module_name: str, config: ApexConfig) -> int:
     """How many times a module's weights are multiplied per token in a training forward."""
     if module_name.startswith("model.refinement"):
         return config.num_refinement_steps
     if module_name.startswith("model.layers."):
         physical = int(module_name.split(".")[2])
-        is_core = config.num_prelude_layers <= physical < config.num_prelude_layers + config.num_core_layers
-        return config.num_refinement_steps if is_core else 1
+        coda_start = config.num_prelude_layers + config.num_core_layers
+        if config.num_prelude_layers <= physical < coda_start:
+            return config.num_refinement_steps
+        return 1 + _exit_readouts(config) if physical >= coda_start else 1
     return 1
 
 
@@ -113,11 +121,12 @@ def count(config: ApexConfig, seq_len: int | None = None, dtype_bytes: int = 2) 
             if param is not embedding and param is not lm_head:
                 matmul_params += numel * _passes(module_name, config)
 
-    # The LM head multiplies once, plus once per MTP depth; an input-embedding lookup costs no matmul.
-    matmul_params += vocab_times_hidden * (1 + config.num_mtp_layers)
+    # The LM head multiplies once, plus once per exit and MTP depth; an input-embedding lookup costs no matmul.
+    matmul_params += vocab_times_hidden * (1 + _exit_readouts(config) + config.num_mtp_layers)
 
     d_qk, d_v = _attention_dims(config)
     attention_layer_types = [config.layer_types[u] for u in _unrolled_layers_run(config)]
+    attention_layer_types += config.layer_types[config.unrolled_coda_start :] * _exit_readouts(config)
     attention_layer_types += [config.layer_types[-1]] * config.num_mtp_layers  # an MTP layer copies the last layer
     attention_flops = sum(
         6 * config.num_attention_heads * (d_qk + d_v) * _tokens_held(config, t, seq_len) for t in attention_layer_types
