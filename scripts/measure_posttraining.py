@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 
 import apex_hf  # noqa: F401  (registers apex)
 from apex_hf.pipeline import plan_pipeline, run_pipeline
+from apex_hf.posttrain.config import load_recipe
+from apex_hf.posttrain.stages import run_stage
 from apex_hf.presets import get_preset
-from apex_hf.recipe import load_recipe
-from apex_hf.stages import run_stage
 from apex_hf.tokenizer import train_bpe_tokenizer
 
 

@@ -8,9 +8,9 @@ import pytest
 from test_pretrain import TINY_RECIPE, _tensorboard_scalars
 
 from apex_hf.metrics import console_line
+from apex_hf.posttrain.config import load_recipe
+from apex_hf.posttrain.stages import ShortPrinterCallback, ShortProgressCallback, build_trainer, run_stage
 from apex_hf.pretrain import pretrain
-from apex_hf.recipe import load_recipe
-from apex_hf.stages import ShortPrinterCallback, ShortProgressCallback, build_trainer, run_stage
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

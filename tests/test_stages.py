@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apex_hf import ApexForCausalLM
 from apex_hf.pipeline import plan_pipeline, run_pipeline
-from apex_hf.recipe import load_recipe
-from apex_hf.stages import SUMMARY_FILE, build_trainer, run_stage
+from apex_hf.posttrain.config import load_recipe
+from apex_hf.posttrain.stages import SUMMARY_FILE, build_trainer, run_stage
 from apex_hf.tokenizer import TURN_END_TOKEN, prepare_chat_tokenizer
 
 

@@ -102,8 +102,8 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _convert_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .convert import ConversionError, convert_checkpoint, export_checkpoint
-    from .upcycle import upcycle_checkpoint
+    from .convert.families import ConversionError, convert_checkpoint, export_checkpoint
+    from .convert.upcycle import upcycle_checkpoint
 
     try:
         if args.command == "convert":
@@ -146,11 +146,11 @@ def _prepare_job(args: argparse.Namespace, overrides: list[str]):
         plan = plan_pipeline(args.file, overrides)
         return lambda: run_pipeline(plan, resume=args.resume)
     if args.command == "merge-lora":
-        from .lora import merge_lora
+        from .posttrain.lora import merge_lora
 
         return lambda: merge_lora(args.adapter, args.output, base_model=args.base)
-    from .recipe import load_recipe
-    from .stages import run_stage
+    from .posttrain.config import load_recipe
+    from .posttrain.stages import run_stage
 
     recipe = load_recipe(args.config, args.command, overrides)
     return lambda: run_stage(recipe)

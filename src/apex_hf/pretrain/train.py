@@ -89,11 +89,7 @@ def document_eos_id(tokenizer) -> int:
 def build_model(config: PretrainConfig, tokenizer):
     """A new model from the preset, sized to the tokenizer, or the checkpoint; then the tokenizer's chat template
     (which may add the ChatML turn tokens and resize the embeddings)."""
-    kwargs: dict[str, Any] = {
-        "dtype": config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
-    }
-    if config.model.attn_implementation is not None:
-        kwargs["attn_implementation"] = config.model.attn_implementation
+    kwargs = config.model.loading_kwargs()
     if config.model.preset is not None:
         model_config = config.model_config(
             vocab_size=len(tokenizer),

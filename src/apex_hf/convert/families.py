@@ -33,9 +33,9 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .modeling.configuration_apex import ApexConfig
-from .modeling.modeling_apex import ApexForCausalLM
-from .outputs import atomic_output_dir, check_new_output_dir
+from ..modeling.configuration_apex import ApexConfig
+from ..modeling.modeling_apex import ApexForCausalLM
+from ..outputs import atomic_output_dir, check_new_output_dir
 
 
 class ConversionError(ValueError):

@@ -1,9 +1,9 @@
 """Post-training stages on TRL's trainers: `run_stage(recipe)` for SFT, DPO and GRPO.
 
-A stage loads the model and tokenizer named in its recipe (`apex_hf.recipe`), gives the tokenizer a chat template
-(resizing the embeddings if the vocabulary grew), loads the dataset mixture, wraps the model in LoRA when the recipe
-has a `peft` section, trains with TRL, and leaves in `output_dir` a complete model folder: weights (LoRA merged in;
-the adapter itself in `output_dir/adapter`), tokenizer, model card, `trainer_state.json` (the log history) and
+A stage loads the model and tokenizer named in its recipe (`apex_hf.posttrain.config`), gives the tokenizer a chat
+template (resizing the embeddings if the vocabulary grew), loads the dataset mixture, wraps the model in LoRA when the
+recipe has a `peft` section, trains with TRL, and leaves in `output_dir` a complete model folder: weights (LoRA merged
+in; the adapter itself in `output_dir/adapter`), tokenizer, model card, `trainer_state.json` (the log history) and
 `stage_summary.json` (written last: the stage is complete). That folder loads with
 `from_pretrained(..., trust_remote_code=True)` where apex_hf is not installed, and is the next stage's model.
 
@@ -19,15 +19,15 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-from .metrics import ApexTrainingStats, console_line
-from .recipe import Recipe, is_hub_repo_id, load_datasets
-from .tokenizer import prepare_chat_tokenizer
+from ..metrics import ApexTrainingStats, console_line
+from ..recipe import is_hub_repo_id
+from ..tokenizer import prepare_chat_tokenizer
+from .config import Recipe, load_datasets
 
 
 SUMMARY_FILE = "stage_summary.json"
@@ -111,13 +111,7 @@ def check_model_path(name_or_path: str) -> None:
 
 def load_model(recipe: Recipe, tokenizer):
     args = recipe.model
-    kwargs = dict(
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-        dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
-    )
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
+    kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code, **args.loading_kwargs())
     if args.load_in_4bit:
         from .lora import quantization_config
 
