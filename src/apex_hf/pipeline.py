@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from .posttrain import config as posttrain_config
-from .posttrain.stages import SUMMARY_FILE, run_stage
+from .posttrain.stages import run_stage
 from .pretrain import config as pretrain_config
 from .pretrain.train import run_pretrain
 from .recipe import apply_overrides, build_dataclass, read_yaml
+from .stage_folder import is_finished
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def run_pipeline(plan: list[PlannedStage], resume: bool = False) -> list[Path]:
     """Run the planned stages in order (see `plan_pipeline`); returns the stage folders."""
     outputs = []
     for index, planned in enumerate(plan, 1):
-        done = (planned.output_dir / SUMMARY_FILE).is_file()
+        done = is_finished(planned.output_dir)
         print(f"[pipeline] stage {index}/{len(plan)}: {planned.name} ({planned.stage}) -> {planned.output_dir}")
         if resume and done:
             print(f"[pipeline] {planned.name} already finished; skipped")

@@ -15,7 +15,6 @@ gets a short line per log step; the trackers (`report_to`) and `trainer_state.js
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -26,11 +25,9 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from ..metrics import ApexTrainingStats, console_line
 from ..recipe import is_hub_repo_id
+from ..stage_folder import write_summary
 from ..tokenizer import prepare_chat_tokenizer
 from .config import Recipe, load_datasets
-
-
-SUMMARY_FILE = "stage_summary.json"
 
 
 class ShortProgressCallback(ProgressCallback):
@@ -174,7 +171,7 @@ def run_stage(recipe: Recipe) -> Path:
             "final_eval": final_eval,
             "wall_seconds": time.perf_counter() - start,
         }
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        write_summary(output_dir, summary)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

@@ -27,14 +27,12 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from ..outputs import write_json
+from ..stage_folder import read_trainer_state, write_trainer_state
+
 
 MANIFEST = "checkpoint.json"
-TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
 def _fsync(path: Path) -> None:
@@ -73,7 +71,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokenizer.save_pretrained(partial)
-        write_json(partial / TRAINER_STATE, trainer_state)
+        write_trainer_state(partial, trainer_state)
         files = _fsync_tree(partial)
         write_json(partial / MANIFEST, {"step": step, "num_processes": accelerator.num_processes, "files": files})
         _fsync(partial / MANIFEST)
@@ -154,7 +152,7 @@ def load_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tu
         error = None
         try:
             accelerator.load_state(str(folder))
-            trainer_state = json.loads((folder / TRAINER_STATE).read_text())
+            trainer_state = read_trainer_state(folder)
             data_state = json.loads((folder / f"data_state_{accelerator.process_index}.json").read_text())
         except Exception as caught:  # a damaged file surfaces as whatever its reader raises
             error = caught

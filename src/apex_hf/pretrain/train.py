@@ -34,21 +34,11 @@ from ..counting import count, peak_flops_per_device
 from ..metrics import ApexTrainingStats, console_line
 from ..modeling.modeling_apex import ApexSparseMoeBlock
 from ..recipe import is_hub_repo_id
+from ..stage_folder import write_summary, write_trainer_state
 from ..tokenizer import EOS_TOKEN, prepare_chat_tokenizer, train_bpe_tokenizer
-from .checkpoint import (
-    StopRequest,
-    TrainingStopped,
-    find_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    write_json,
-)
+from .checkpoint import StopRequest, TrainingStopped, find_checkpoints, load_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_pretrain_config
 from .data import PackedBatches, load_documents, make_batch, pack_rows, token_lists, tokenize_documents
-
-
-STATE_FILE = "trainer_state.json"
-SUMMARY_FILE = "stage_summary.json"  # the same name as the post-training stages: written last, the stage is done
 
 
 def pretrain(config_path: str | Path, overrides: list[str] | None = None) -> Path:
@@ -282,7 +272,7 @@ def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dic
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
-        write_json(directory / STATE_FILE, state)
+        write_trainer_state(directory, state)
     accelerator.wait_for_everyone()
 
 
@@ -554,7 +544,7 @@ def run_pretrain(config: PretrainConfig) -> Path:
         "config": dataclasses.asdict(config),
     }
     if accelerator.is_main_process:
-        write_json(output_dir / SUMMARY_FILE, summary)
+        write_summary(output_dir, summary)
         write_model_card(config, summary, output_dir)
         mfu_text = f", MFU {summary['mfu']:.1f}%" if peak_flops else ""
         say(
