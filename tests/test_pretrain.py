@@ -13,8 +13,8 @@ from tiny_configs import tiny_config
 
 from apex_hf import ApexForCausalLM
 from apex_hf.pretrain import load_pretrain_config, pretrain
+from apex_hf.pretrain.build import build_scheduler
 from apex_hf.pretrain.data import PackedBatches, make_batch, pack_rows
-from apex_hf.pretrain.train import build_scheduler
 from apex_hf.stage_folder import read_log_history, read_summary
 
 

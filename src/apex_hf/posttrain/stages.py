@@ -201,7 +201,7 @@ def save_stage(trainer, recipe: Recipe) -> Path:
     else:
         trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:
-        write_model_card(trainer, recipe, output_dir)
+        write_trl_model_card(trainer, recipe, output_dir)
         if recipe.args.push_to_hub:
             push_folder(recipe, output_dir)
     return output_dir
@@ -212,7 +212,7 @@ def hub_dataset_ids(recipe: Recipe) -> list[str]:
     return [d.path for d in recipe.data.datasets if d.data_files is None and is_hub_repo_id(d.path)]
 
 
-def write_model_card(trainer, recipe: Recipe, output_dir: Path) -> None:
+def write_trl_model_card(trainer, recipe: Recipe, output_dir: Path) -> None:
     """TRL's model card (library_name, base_model when the input is a Hub repo, tags), with every Hub dataset of the
     mixture in its metadata."""
     from huggingface_hub import ModelCard

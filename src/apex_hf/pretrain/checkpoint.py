@@ -6,7 +6,7 @@ own formats), each process's data position (`data_state_<rank>.json`), the log h
 tokenizer. It is written as `.checkpoint-<step>.partial` and renamed once complete, with `checkpoint.json` (the step,
 the number of processes, every file's size) written last, so a folder named `checkpoint-<step>` is never half-written.
 A crash while renaming or a disk that lost data can still leave a damaged folder: `find_checkpoints` checks the
-recorded sizes (a truncated file fails) and `load_checkpoint` falls back to an older checkpoint when loading one
+recorded sizes (a truncated file fails) and `restore_checkpoint` falls back to an older checkpoint when loading one
 fails. Contents are not hashed: for a sharded multi-hundred-GB state that would cost minutes at every save.
 
 These checkpoints are for resuming (`resume_from_checkpoint: latest`); the model to use is the final folder.
@@ -145,7 +145,7 @@ def find_checkpoints(output_dir: Path, requested: str, num_processes: int, say) 
     return usable
 
 
-def load_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tuple[Path, dict, dict] | None:
+def restore_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tuple[Path, dict, dict] | None:
     """Restore the first candidate every process can load: `(folder, trainer_state, data_state)`, or None when none
     loads. The processes agree on each attempt, so that all of them continue from the same step."""
     for folder in candidates:
