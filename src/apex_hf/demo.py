@@ -13,6 +13,7 @@ adapter for a new skill (PEFT) — on the small data the repo ships (`data/`, re
 
 from __future__ import annotations
 
+# The standard library only until `run_demo`: `apex-hf` builds its parser with `add_demo_arguments`.
 import argparse
 import json
 import os
@@ -24,10 +25,6 @@ from pathlib import Path
 
 from .stage_folder import read_log_history, read_summary
 
-
-# The demo never talks to the Hub (set before transformers is imported by anything below).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PIPELINE = REPO_ROOT / "recipes" / "apex-small" / "pipeline.yaml"
@@ -212,6 +209,9 @@ def reload_in_fresh_process(model_dir: Path, question: str, threads: int) -> dic
 
 
 def run_demo(args: argparse.Namespace) -> dict:
+    # The demo never talks to the Hub (set before transformers is imported, which the imports below do).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
     from .pipeline import plan_pipeline, run_pipeline
