@@ -90,18 +90,12 @@ VARIANTS = {"gqa": GQA_ALL_FEATURES, "mla": MLA_ALL_FEATURES, "family_knobs": FA
 # intermediate size of 37), two unrolled layers each. GQA: QK-norm, a head-wise output gate, sliding windows, and a
 # MoE core with a shared expert run twice with gated_add memory (prelude 0 + 2 x core 1 + coda 0).
 COMMON_TESTS_GQA = dict(
+    BASE,
     vocab_size=99,
-    hidden_size=32,
     intermediate_size=37,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=64,
     initializer_range=0.02,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
     num_prelude_layers=0,
-    num_core_layers=1,
     num_coda_layers=0,
     num_refinement_steps=2,
     memory_injection="gated_add",

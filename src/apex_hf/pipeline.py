@@ -27,7 +27,7 @@ from .posttrain import config as posttrain_config
 from .posttrain.stages import run_stage
 from .pretrain import config as pretrain_config
 from .pretrain.train import run_pretrain
-from .recipe import apply_overrides, build_dataclass, read_yaml
+from .recipe import build_dataclass, read_recipe, read_yaml
 from .stage_folder import is_finished
 
 
@@ -92,7 +92,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[PlannedStage]:
     """Read the pipeline and every stage file, wire each stage's model to the previous stage's output, check all."""
     path = Path(path)
-    raw = apply_overrides(read_yaml(path), overrides or [])
+    raw = read_recipe(path, overrides)
     config = build_dataclass(PipelineConfig, raw, str(path))
     entries = [build_dataclass(StageEntry, entry, f"{path} stages[{i}]") for i, entry in enumerate(config.stages)]
     names = [entry.name for entry in entries]

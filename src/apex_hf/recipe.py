@@ -2,11 +2,11 @@
 post-training one (`apex_hf.posttrain.config`).
 
 A recipe is one YAML mapping (`read_yaml`), changed by `--key value` / `--section.key value` on the command line
-(`apply_overrides`) and built into dataclasses that check their values, an unknown field named with the closest known
-one (`build_dataclass`). Two sections mean the same in every recipe: `model` (`ModelArguments`: where the model comes
-from and how its weights load) and `data` (`DataArguments`: TRL's dataset mixture plus held-out datasets, every local
-file checked to exist by `check_data_files` before anything is loaded). Relative paths are relative to the working
-directory, as in TRL and alignment-handbook.
+(`apply_overrides`; both: `read_recipe`) and built into dataclasses that check their values, an unknown field named
+with the closest known one (`build_dataclass`). Two sections mean the same in every recipe: `model`
+(`ModelArguments`: where the model comes from and how its weights load) and `data` (`DataArguments`: TRL's dataset
+mixture plus held-out datasets, every local file checked to exist by `check_data_files` before anything is loaded).
+Relative paths are relative to the working directory, as in TRL and alignment-handbook.
 """
 
 from __future__ import annotations
@@ -128,6 +128,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         # YAML 1.1 reads yes/no/on/off as booleans; on a command line `--save_strategy no` means the string
         target[name] = value if isinstance(parsed, bool) and value.lower() not in ("true", "false") else parsed
     return raw
+
+
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A recipe file's mapping with the command line's `--key value` overrides applied."""
+    return apply_overrides(read_yaml(path), overrides or [])
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

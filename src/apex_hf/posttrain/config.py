@@ -30,15 +30,7 @@ from typing import Any
 
 from trl.scripts.utils import DatasetMixtureConfig
 
-from ..recipe import (
-    DataArguments,
-    ModelArguments,
-    apply_overrides,
-    build_dataclass,
-    check_data_files,
-    model_from_folder,
-    read_yaml,
-)
+from ..recipe import DataArguments, ModelArguments, build_dataclass, check_data_files, model_from_folder, read_recipe
 
 
 SECTIONS = ("model", "data", "peft", "reward_funcs")
@@ -130,8 +122,7 @@ def parse_recipe(raw: dict[str, Any], stage: str, source: str = "<dict>") -> Rec
 
 def load_recipe(path: str | Path, stage: str, overrides: list[str] | None = None) -> Recipe:
     """Read, override and check a stage file."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return parse_recipe(raw, stage, source=str(path))
+    return parse_recipe(read_recipe(path, overrides), stage, source=str(path))
 
 
 def continue_from(raw: dict[str, Any], folder: Path) -> dict[str, Any]:

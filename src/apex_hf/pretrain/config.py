@@ -28,15 +28,7 @@ from typing import Any
 
 from trl.scripts.utils import DatasetConfig
 
-from ..recipe import (
-    DataArguments,
-    ModelArguments,
-    apply_overrides,
-    build_dataclass,
-    check_data_files,
-    model_from_folder,
-    read_yaml,
-)
+from ..recipe import DataArguments, ModelArguments, build_dataclass, check_data_files, model_from_folder, read_recipe
 from .checkpoint import has_checkpoints
 
 
@@ -410,7 +402,7 @@ def parse_pretrain_config(raw: dict[str, Any], source: str = "<dict>") -> Pretra
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
     """Read a pre-training recipe, apply `--key value` overrides, and check it."""
-    return parse_pretrain_config(apply_overrides(read_yaml(path), overrides or []), source=str(path))
+    return parse_pretrain_config(read_recipe(path, overrides), source=str(path))
 
 
 def continue_from(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
