@@ -103,6 +103,12 @@ print("ok")
     assert result.stdout.strip() == "ok", result.stderr
 
 
+def test_registering_the_lora_targets_leaves_trl_unloaded():
+    """`import peft` registers Apex's LoRA targets by importing `apex_hf.posttrain.lora`, which must not bring TRL."""
+    result = run_python("import sys, apex_hf, peft\nprint('trl loaded:', 'trl' in sys.modules)")
+    assert result.stdout.strip() == "trl loaded: False", result.stderr
+
+
 def test_model_imported_from_its_module_saves_auto_map(tmp_path):
     """`save_pretrained` writes `auto_map` (remote code) also when the classes come straight from `modeling/`."""
     code = """
