@@ -53,6 +53,8 @@ RECIPE_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
 @dataclass(frozen=True)
 class Command:
+    """One `apex-hf` command: a row of `COMMANDS`."""
+
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], object]
     run: Callable[[argparse.Namespace, list[str]], int]  # (arguments, recipe overrides) -> exit status

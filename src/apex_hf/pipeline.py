@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .posttrain import config as posttrain_config
-from .posttrain.stages import run_stage
+from .posttrain.stages import TRAINERS, run_stage
 from .pretrain import config as pretrain_config
 from .pretrain.train import run_pretrain
 from .recipe import build_dataclass, read_recipe, read_yaml
@@ -50,7 +50,7 @@ STAGES = {
             run_stage,
             posttrain_config.Recipe.resume_latest,
         )
-        for stage in ("sft", "dpo", "grpo")
+        for stage in TRAINERS
     },
 }
 
