@@ -25,11 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import (
-    ExpertsInterface,
-    _grouped_linear,
-    grouped_mm_experts_forward,
-)
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -51,6 +47,23 @@ except ImportError:  # transformers 5.17 - 5.22 inline the same slicing in every
     def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return hidden_states[:, keep, :]
+
+
+def _grouped_linear_in_torch(
+    input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """transformers' `_grouped_linear` in plain torch: rows `offs[e - 1]:offs[e]` of `input` (sorted by expert)
+    through expert e's `weight[e]` ([out, in]), plus a per-row `bias`."""
+    ends = offs.tolist()
+    rows = input.to(weight.dtype)
+    out = torch.cat([rows[start:end] @ weight[e].T for e, (start, end) in enumerate(zip([0, *ends], ends))])
+    return out if bias is None else out + bias
+
+
+try:  # private to transformers (its dispatch to torch's grouped GEMM), so a version Hub users run may lack it
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:
+    _grouped_linear = _grouped_linear_in_torch
 
 
 # transformers 5.25 renamed the cache from `past_key_values` to `cache`, in model forwards and in output classes (the

@@ -182,7 +182,7 @@ def measure_lora(preset: str, args: argparse.Namespace) -> dict:
     `LORA_MEMORY_GIB` as on a 24 GiB card, activation checkpointing on: tokens/s and peak memory, or the OOM."""
     from peft import get_peft_model
 
-    from apex_hf.lora import default_lora_config
+    from apex_hf.posttrain.lora import default_lora_config
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(LORA_MEMORY_GIB * 2**30 / total)

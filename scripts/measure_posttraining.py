@@ -20,17 +20,14 @@ from transformers import AutoModelForCausalLM
 
 import apex_hf  # noqa: F401  (registers apex)
 from apex_hf.pipeline import plan_pipeline, run_pipeline
+from apex_hf.posttrain.config import load_recipe
+from apex_hf.posttrain.stages import run_stage
 from apex_hf.presets import get_preset
-from apex_hf.recipe import load_recipe
-from apex_hf.stages import run_stage
+from apex_hf.stage_folder import read_log_history
 from apex_hf.tokenizer import train_bpe_tokenizer
 
 
 CORPORA = ["data/tiny_corpus.txt", "data/demo/arithmetic_corpus.txt"]
-
-
-def history(folder: Path) -> list[dict]:
-    return json.loads((folder / "trainer_state.json").read_text())["log_history"]
 
 
 def measure_lora(out: Path, preset: str, seq_len: int, steps: int) -> dict:
@@ -78,7 +75,7 @@ def measure_lora(out: Path, preset: str, seq_len: int, steps: int) -> dict:
     )
     start = time.perf_counter()
     run_stage(recipe)
-    lines = [e for e in history(out / "lora") if "train_tokens_per_second" in e]
+    lines = [e for e in read_log_history(out / "lora") if "train_tokens_per_second" in e]
     steady = lines[1:] or lines  # the first window holds compilation and warm-up
     return {
         "preset": preset,
@@ -99,7 +96,7 @@ def measure_grpo(out: Path, grpo_steps: int) -> dict:
             setattr(planned.recipe.args, key, value)
     plan[3].recipe.args.max_steps = grpo_steps
     run_pipeline(plan[:4])
-    rewards = [e["eval_reward"] for e in history(plan[3].output_dir) if "eval_reward" in e]
+    rewards = [e["eval_reward"] for e in read_log_history(plan[3].output_dir) if "eval_reward" in e]
     return {"grpo_steps": grpo_steps, "held_out_reward_before": rewards[0], "held_out_reward_after": rewards[-1]}
 
 

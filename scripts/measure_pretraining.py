@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from apex_hf.stage_folder import read_summary
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "recipes" / "bench-moe" / "pretrain.yaml"
@@ -77,7 +79,7 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     (args.out / f"{preset}-{args.tag}.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
         return {"preset": preset, "error": (run.stdout + run.stderr)[-3000:]}
-    summary = json.loads((output_dir / "stage_summary.json").read_text())
+    summary = read_summary(output_dir)
     saves = [float(s) for s in re.findall(r"saved \S+ in ([\d.]+)s", run.stdout + run.stderr)]
     config = json.loads((output_dir / "config.json").read_text())
     return {

@@ -3,8 +3,10 @@ is light yet registers `apex` with the Auto classes whatever is imported first, 
 holds no config rather than describing a default model."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,10 +14,12 @@ from apex_hf.cli import main
 
 
 HEAVY_MODULES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "datatrove")
+TESTS = Path(__file__).resolve().parent  # where a child process finds tiny_configs
 
 
 def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -62,9 +66,9 @@ def test_import_apex_hf_is_light_and_registers_apex_on_first_use():
 import sys
 import apex_hf
 assert "torch" not in sys.modules and "transformers" not in sys.modules, "import apex_hf loaded torch / transformers"
+from tiny_configs import BASE
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-config = AutoConfig.for_model("apex", vocab_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                              intermediate_size=64)
+config = AutoConfig.for_model("apex", **BASE)
 assert type(config) is apex_hf.ApexConfig
 assert type(AutoModelForCausalLM.from_config(config)) is apex_hf.ApexForCausalLM
 assert type(AutoModel.from_config(apex_hf.ApexConfig(**config.to_diff_dict()))) is apex_hf.ApexModel
@@ -99,13 +103,20 @@ print("ok")
     assert result.stdout.strip() == "ok", result.stderr
 
 
+def test_registering_the_lora_targets_leaves_trl_unloaded():
+    """`import peft` registers Apex's LoRA targets by importing `apex_hf.posttrain.lora`, which must not bring TRL."""
+    result = run_python("import sys, apex_hf, peft\nprint('trl loaded:', 'trl' in sys.modules)")
+    assert result.stdout.strip() == "trl loaded: False", result.stderr
+
+
 def test_model_imported_from_its_module_saves_auto_map(tmp_path):
     """`save_pretrained` writes `auto_map` (remote code) also when the classes come straight from `modeling/`."""
     code = """
 import sys
 from apex_hf.modeling.configuration_apex import ApexConfig
 from apex_hf.modeling.modeling_apex import ApexForCausalLM
-config = ApexConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+from tiny_configs import BASE
+config = ApexConfig(**BASE)
 ApexForCausalLM(config).save_pretrained(sys.argv[1])
 """
     result = run_python(code, str(tmp_path))

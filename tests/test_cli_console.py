@@ -1,16 +1,16 @@
 """What training prints: one short line per log step (`apex_hf.metrics.console_line`) in `apex-hf pretrain` and the
 TRL stages, while the trackers and the log history keep every value, the per-layer router statistics included."""
 
-import json
 from pathlib import Path
 
 import pytest
 from test_pretrain import TINY_RECIPE, _tensorboard_scalars
 
 from apex_hf.metrics import console_line
+from apex_hf.posttrain.config import load_recipe
+from apex_hf.posttrain.stages import ShortPrinterCallback, ShortProgressCallback, build_trainer, run_stage
 from apex_hf.pretrain import pretrain
-from apex_hf.recipe import load_recipe
-from apex_hf.stages import ShortPrinterCallback, ShortProgressCallback, build_trainer, run_stage
+from apex_hf.stage_folder import read_log_history
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def test_pretrain_console_is_short_and_the_trackers_get_every_value(tmp_path, ca
     assert any(line.startswith("[pretrain] step 2: loss ") for line in logged)
     assert any(line.startswith("[pretrain] step 4: held-out loss ") for line in logged)
 
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    history = read_log_history(output_dir)
     assert PER_LAYER_KEY in [entry for entry in history if "loss" in entry][-1]
     assert PER_LAYER_KEY in _tensorboard_scalars(output_dir / output_dir.name)
 
@@ -85,7 +85,7 @@ def test_trl_stage_console_is_short_and_the_log_history_gets_every_value(base_mo
     assert logged[0].startswith("[sft] step 1: loss ")
     assert "grad norm" in logged[0] and "tokens/s" in logged[0]
 
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    history = read_log_history(output_dir)
     assert PER_LAYER_KEY in history[0]
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from tiny_configs import tiny_config
+from tiny_configs import MLA_SIZES, tiny_config
 
 from apex_hf import ApexConfig, sliding_full_pattern
 
@@ -17,7 +17,7 @@ CONFIG_ERRORS = [
     (dict(sliding_window=0), "sliding_window=0"),
     (dict(attention_type="mla"), "attention_type='mla' needs kv_lora_rank"),
     (
-        dict(attention_type="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=3, v_head_dim=8),
+        dict(attention_type="mla", **{**MLA_SIZES, "qk_rope_head_dim": 3}),
         "qk_rope_head_dim=3 must be even",
     ),
     (dict(attention_type="sparse"), "attention_type='sparse'"),
@@ -45,18 +45,11 @@ CONFIG_ERRORS = [
     (dict(mlp_layer_types=["dense", "moe", "dense"]), "mlp_layer_types entries must be in"),
     (dict(num_experts=4, expert_capacity_factor=0.0), "expert_capacity_factor=0.0"),
     (
-        dict(qk_norm=True, attention_type="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+        dict(qk_norm=True, attention_type="mla", **MLA_SIZES),
         "qk_norm is only defined",
     ),
     (
-        dict(
-            attention_sinks=True,
-            attention_type="mla",
-            kv_lora_rank=8,
-            qk_nope_head_dim=8,
-            qk_rope_head_dim=4,
-            v_head_dim=8,
-        ),
+        dict(attention_sinks=True, attention_type="mla", **MLA_SIZES),
         "attention_sinks is only defined",
     ),
     (dict(embedding_multiplier=0.0), "embedding_multiplier=0.0"),

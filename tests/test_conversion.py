@@ -1,5 +1,5 @@
 """Converters: each of the eight families, built at tiny size with random weights by its own transformers class, is
-converted to Apex (`apex_hf.convert`) and must give the same outputs:
+converted to Apex (`apex_hf.convert.families`) and must give the same outputs:
 
 * logits on a right- and a left-padded batch, max |delta| <= 1e-4 in fp32, for eager and SDPA attention (GPT-OSS:
   eager only; SDPA cannot express its attention sinks and is refused);
@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig
 
 from apex_hf import ApexForCausalLM
-from apex_hf.convert import FAMILIES, ConversionError, convert_model, export_model
+from apex_hf.convert.families import FAMILIES, ConversionError, convert_model, export_model
 
 
 ATOL = 1e-4

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from apex_hf import ApexForCausalLM
 from apex_hf.cli import main
-from apex_hf.convert import ConversionError, apex_config_from, convert_checkpoint
+from apex_hf.convert.families import ConversionError, apex_config_from, convert_checkpoint
 
 
 def save_reference(variant: str, folder, tokenizer=None):

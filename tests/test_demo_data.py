@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from apex_hf.rewards import accuracy_reward, format_reward
+from apex_hf.posttrain.rewards import accuracy_reward, format_reward
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

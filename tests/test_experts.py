@@ -96,6 +96,30 @@ def test_compiled_code_gathers_few_pairs_and_matches_eager(variant, dtype, monke
     check_against_eager(variant, 3, monkeypatch, dtype=dtype, traced=True)
 
 
+def test_grouped_linear_in_torch_equals_transformers():
+    """Where transformers lacks its private `_grouped_linear`, the grouped GEMMs run `_grouped_linear_in_torch`: the
+    same product, forward and gradients, an expert without rows included."""
+    from transformers.integrations.moe import _grouped_linear
+
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([3, 3, 8, 10], dtype=torch.int32)  # expert 1 gets no rows
+    rows = torch.randn(10, 8, generator=generator).requires_grad_()
+    weight = torch.randn(4, 12, 8, generator=generator).requires_grad_()
+    bias = torch.randn(10, 12, generator=generator).requires_grad_()
+    results = []
+    for grouped_linear in (_grouped_linear, modeling_apex._grouped_linear_in_torch):
+        output = grouped_linear(rows, weight, offsets, bias=bias)
+        results.append([output, *torch.autograd.grad((output**2).sum(), [rows, weight, bias])])
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "family_knobs"])
+def test_grouped_experts_on_the_plain_torch_grouped_linear_match_eager(variant, monkeypatch):
+    monkeypatch.setattr(modeling_apex, "_grouped_linear", modeling_apex._grouped_linear_in_torch)
+    check_against_eager(variant, 300, monkeypatch)
+
+
 @pytest.mark.parametrize("flag", ["_is_expert_parallel", "num_experts"])
 def test_expert_parallel_sentinels_go_to_transformers_forward(flag, monkeypatch):
     """Under expert parallelism foreign tokens carry sentinel ids, which transformers' own forward masks. transformers

@@ -10,8 +10,8 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from apex_hf import ApexForCausalLM
-from apex_hf import lora as apex_lora
-from apex_hf.lora import default_lora_config, merge_lora, quantization_config, trainable_parameter_summary
+from apex_hf.posttrain import lora as apex_lora
+from apex_hf.posttrain.lora import default_lora_config, merge_lora, quantization_config, trainable_parameter_summary
 
 
 # The MLA variant reads the refinement memory by cross-attention, which adds query/key/value projections.

@@ -3,7 +3,6 @@ learning-rate schedules, a tiny end-to-end run from the apex-tiny recipe, and re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ from tiny_configs import tiny_config
 
 from apex_hf import ApexForCausalLM
 from apex_hf.pretrain import load_pretrain_config, pretrain
+from apex_hf.pretrain.build import build_scheduler
 from apex_hf.pretrain.data import PackedBatches, make_batch, pack_rows
-from apex_hf.pretrain.train import build_scheduler
+from apex_hf.stage_folder import read_log_history, read_summary
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
         ],
     )
 
-    summary = json.loads((output_dir / "stage_summary.json").read_text())
+    summary = read_summary(output_dir)
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.3
     assert summary["num_input_tokens_seen"] == 20 * 8 * 64
 
@@ -193,7 +193,7 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
     )["input_ids"]
     assert model.generate(prompt, max_new_tokens=2, do_sample=False).shape[1] == prompt.shape[1] + 2
 
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    history = read_log_history(output_dir)
     train_logs = [entry for entry in history if "loss" in entry]
     eval_logs = [entry for entry in history if "eval_loss" in entry]
     assert [entry["step"] for entry in eval_logs] == [0, 10, 20]
@@ -242,7 +242,7 @@ def test_curriculum_end_to_end(tmp_path, monkeypatch):
     }
     recipe = _write_recipe(tmp_path, data=data)
     output_dir = pretrain(recipe, ["--output_dir", str(tmp_path / "out"), "--max_steps", "6", "--logging_steps", "2"])
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    history = read_log_history(output_dir)
     weights = [(e["step"], e["data/weight/arithmetic_corpus"]) for e in history if "loss" in e]
     assert weights == [(2, 0.25), (4, 0.75), (6, 1.0)]  # at steps 1, 3, 5 (0-based), linear from 0 to 1 over 4 steps
 

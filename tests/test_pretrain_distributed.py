@@ -5,13 +5,14 @@ steps; the stated tolerance is 1e-3."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from apex_hf.stage_folder import read_log_history, read_summary
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def _run(command: list[str], **env: str) -> subprocess.CompletedProcess:
 
 
 def _history(output_dir: Path) -> list[tuple[int, str, float]]:
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    history = read_log_history(output_dir)
     return [(e["step"], key, e[key]) for e in history for key in ("loss", "eval_loss") if key in e]
 
 
@@ -51,7 +52,7 @@ def test_two_processes_train_like_one(tmp_path):
     )
     assert two.returncode == 0, two.stderr[-3000:]
 
-    summary = json.loads((tmp_path / "two" / "stage_summary.json").read_text())
+    summary = read_summary(tmp_path / "two")
     assert summary["num_processes"] == 2 and summary["num_input_tokens_seen"] == 10 * 8 * 64
     checkpoint = tmp_path / "two" / "checkpoint-5"  # every rank reached step 5 and saved its own state there
     assert {p.name for p in checkpoint.iterdir()} >= {

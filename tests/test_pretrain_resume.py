@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from apex_hf.pretrain import load_pretrain_config, pretrain
+from apex_hf.stage_folder import is_finished, read_log_history, read_summary
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
 
 
 def _losses(output_dir: Path) -> dict[int, float]:
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    history = read_log_history(output_dir)
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
@@ -96,7 +97,7 @@ def test_sigkill_resume_matches_an_uninterrupted_run_and_skips_a_truncated_check
     assert sorted(losses) == sorted(uninterrupted)  # the log history runs from step 1, without gaps or repeats
     for step, loss in uninterrupted.items():
         assert losses[step] == pytest.approx(loss, abs=LOSS_TOLERANCE), step
-    summary = json.loads((output_dir / "stage_summary.json").read_text())
+    summary = read_summary(output_dir)
     assert summary["resumed_from_step"] == older
 
 
@@ -109,7 +110,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, uninte
     assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     stopped_at = _checkpoints(output_dir)[-1]
     assert f"stopped by SIGTERM after step {stopped_at}" in stderr
-    assert 10 <= stopped_at < 120 and not (output_dir / "stage_summary.json").exists()
+    assert 10 <= stopped_at < 120 and not is_finished(output_dir)
     manifest = json.loads((output_dir / f"checkpoint-{stopped_at}" / "checkpoint.json").read_text())
     assert manifest["step"] == stopped_at and "optimizer.bin" in manifest["files"]
 

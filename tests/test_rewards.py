@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from apex_hf import rewards
-from apex_hf.rewards import (
+from apex_hf.posttrain import rewards
+from apex_hf.posttrain.rewards import (
     REWARD_FUNCTIONS,
     accuracy_reward,
     completion_text,
@@ -135,8 +135,8 @@ def test_resolve_reward():
     for name, function in REWARD_FUNCTIONS.items():
         assert resolve_reward(name) is function
     assert set(REWARD_FUNCTIONS) == {"accuracy", "format", "length"}
-    assert resolve_reward("apex_hf.rewards.format_reward") is format_reward
-    assert resolve_reward("apex_hf.rewards:accuracy_reward") is accuracy_reward
+    assert resolve_reward("apex_hf.posttrain.rewards.format_reward") is format_reward
+    assert resolve_reward("apex_hf.posttrain.rewards:accuracy_reward") is accuracy_reward
     assert resolve_reward("os.path.join") is os.path.join
 
 
@@ -146,10 +146,10 @@ def test_resolve_reward():
         ("accurracy", "dotted path"),
         ("", "dotted path"),
         ("apex_hf.no_such_module.reward", "apex_hf.no_such_module.reward"),
-        ("apex_hf.rewards.no_such_reward", "apex_hf.rewards.no_such_reward"),
-        ("apex_hf.rewards:", "apex_hf.rewards:"),
+        ("apex_hf.posttrain.rewards.no_such_reward", "apex_hf.posttrain.rewards.no_such_reward"),
+        ("apex_hf.posttrain.rewards:", "apex_hf.posttrain.rewards:"),
         (".rewards", ".rewards"),
-        ("apex_hf.rewards.BOXED", "not callable"),
+        ("apex_hf.posttrain.rewards.BOXED", "not callable"),
     ],
 )
 def test_resolve_reward_errors(spec, message_part):
@@ -173,14 +173,14 @@ def test_accuracy_reward_reads_a_solution_column_and_names_a_missing_one():
 
 def test_the_accuracy_reward_reports_its_verifier(caplog):
     rewards.log_verifier.cache_clear()
-    with caplog.at_level(logging.INFO, logger="apex_hf.rewards"):
+    with caplog.at_level(logging.INFO, logger="apex_hf.posttrain.rewards"):
         assert resolve_reward("accuracy").verifier == "math_verify"
-        resolve_reward("apex_hf.rewards.accuracy_reward")
+        resolve_reward("apex_hf.posttrain.rewards.accuracy_reward")
     version = importlib.metadata.version("math-verify")
     assert [record.getMessage() for record in caplog.records] == [f"accuracy reward: verifier math_verify {version}"]
 
 
-@pytest.mark.parametrize("spec", ["accuracy", "apex_hf.rewards:accuracy_reward"])
+@pytest.mark.parametrize("spec", ["accuracy", "apex_hf.posttrain.rewards:accuracy_reward"])
 def test_without_math_verify_resolving_the_accuracy_reward_fails_clearly(without_math_verify, spec):
     with pytest.raises(ImportError, match=r'pip install "apex-hf\[train\]" \(or pip install math-verify\)'):
         resolve_reward(spec)
@@ -194,5 +194,5 @@ def test_without_math_verify_the_accuracy_reward_fails_clearly_when_called(witho
 
 def test_the_module_imports_without_math_verify():
     # the error belongs to the point of use: a process that never resolves the accuracy reward does not need it
-    code = "import sys; sys.modules['math_verify'] = None; import apex_hf.rewards"
+    code = "import sys; sys.modules['math_verify'] = None; import apex_hf.posttrain.rewards"
     subprocess.run([sys.executable, "-c", code], check=True)

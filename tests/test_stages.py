@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apex_hf import ApexForCausalLM
 from apex_hf.pipeline import plan_pipeline, run_pipeline
-from apex_hf.recipe import load_recipe
-from apex_hf.stages import SUMMARY_FILE, build_trainer, run_stage
+from apex_hf.posttrain.config import load_recipe
+from apex_hf.posttrain.stages import build_trainer, run_stage
+from apex_hf.stage_folder import STATE_FILE, SUMMARY_FILE, is_finished, read_log_history, read_summary
 from apex_hf.tokenizer import TURN_END_TOKEN, prepare_chat_tokenizer
 
 
@@ -31,16 +32,14 @@ def recipe(stage, base, out, *overrides, file=None):
     return load_recipe(file, stage, ["--model.name_or_path", str(base), "--output_dir", str(out), *overrides])
 
 
-def summary(folder):
-    return json.loads((Path(folder) / SUMMARY_FILE).read_text())
-
-
-def log_history(folder):
-    return json.loads((Path(folder) / "trainer_state.json").read_text())["log_history"]
-
-
 def logged_keys(folder):
-    return {key for entry in log_history(folder) for key in entry}
+    return {key for entry in read_log_history(folder) for key in entry}
+
+
+def test_the_stage_folder_keeps_the_log_history_where_the_trainer_writes_it():
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    assert STATE_FILE == TRAINER_STATE_NAME
 
 
 def test_sft_full_fine_tune_logs_apex_statistics_and_writes_a_loadable_folder(base_model, tmp_path):
@@ -90,23 +89,23 @@ def test_grpo_with_kl_logs_each_reward(base_model, tmp_path):
     for name in ("accuracy_reward", "format_reward", "length_reward"):
         assert {f"rewards/{name}/mean", f"rewards/{name}/std"} <= keys
     assert {"kl", "reward", "apex/verifier_loss", "aux_loss"} <= keys
-    assert "eval_reward" in summary(out)["final_eval"]
+    assert "eval_reward" in read_summary(out)["final_eval"]
 
 
 def test_a_stage_resumes_from_its_checkpoint_with_the_same_losses(base_model, tmp_path):
     steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
     run_stage(recipe("sft", base_model, tmp_path / "full", *steps))
-    uninterrupted = [e["loss"] for e in log_history(tmp_path / "full") if "loss" in e]
+    uninterrupted = [e["loss"] for e in read_log_history(tmp_path / "full") if "loss" in e]
 
     run_stage(recipe("sft", base_model, tmp_path / "cut", *steps))
     shutil.rmtree(tmp_path / "cut" / "checkpoint-4")  # as if stopped after the step-2 checkpoint
     (tmp_path / "cut" / SUMMARY_FILE).unlink()
-    state_file = tmp_path / "cut" / "checkpoint-2" / "trainer_state.json"
+    state_file = tmp_path / "cut" / "checkpoint-2" / STATE_FILE
     state = json.loads(state_file.read_text())
     state["log_history"][0]["loss"] = 123.0  # a marker: only a run restored from this checkpoint carries it
     state_file.write_text(json.dumps(state))
     run_stage(recipe("sft", base_model, tmp_path / "cut", *steps, "--resume_from_checkpoint", "latest"))
-    resumed = [e["loss"] for e in log_history(tmp_path / "cut") if "loss" in e]
+    resumed = [e["loss"] for e in read_log_history(tmp_path / "cut") if "loss" in e]
     assert resumed[0] == 123.0
     assert resumed[1:] == pytest.approx(uninterrupted[1:], rel=1e-5)
 
@@ -117,7 +116,7 @@ def test_pipeline_feeds_each_stage_the_previous_output_and_the_result_is_remote_
     for previous, current in zip(plan, plan[1:]):
         assert current.recipe.model.name_or_path == str(previous.output_dir)
     folders = run_pipeline(plan)
-    assert all((folder / SUMMARY_FILE).is_file() for folder in folders)
+    assert all(is_finished(folder) for folder in folders)
 
     final = AutoModelForCausalLM.from_pretrained(folders[-1]).eval()
     ids = torch.randint(5, 200, (1, 6))

@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("transformers_tests.test_modeling_common")
 
+from tiny_configs import COMMON_TESTS_GQA, COMMON_TESTS_MLA  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 from transformers_tests.generation.test_utils import GenerationTesterMixin  # noqa: E402
 from transformers_tests.test_configuration_common import ConfigTester  # noqa: E402
@@ -46,42 +47,13 @@ _ROPE_LONG_INPUT_REASON = (
 class ApexModelTester:
     """Local stand-in for transformers' `CausalLMModelTester` (not shipped in the sdist)."""
 
-    base_config = dict(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.02,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        # refinement: 0 prelude, 1 shared core layer run twice, 0 coda -> 2 unrolled layers
-        num_prelude_layers=0,
-        num_core_layers=1,
-        num_coda_layers=0,
-        num_refinement_steps=2,
-        memory_injection="gated_add",
-        refinement_dim=8,
-        # attention
-        qk_norm=True,
-        attention_output_gate="headwise",
-        sliding_window=4,
-        # MoE
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        num_shared_experts=1,
-    )
-
-    def __init__(self, parent, batch_size=2, seq_length=7, is_training=True, use_input_mask=True, **overrides):
+    def __init__(self, parent, config_kwargs, batch_size=2, seq_length=7, is_training=True, use_input_mask=True):
         self.parent = parent
         self.batch_size = batch_size
         self.seq_length = seq_length
         self.is_training = is_training
         self.use_input_mask = use_input_mask
-        self.config_kwargs = {**self.base_config, **overrides}
+        self.config_kwargs = dict(config_kwargs)
         config = self.get_config()
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
@@ -111,13 +83,13 @@ class ApexCommonTestBase(ModelTesterMixin, GenerationTesterMixin):
     config_class = ApexConfig
     base_model_class = ApexModel
     all_model_classes = (ApexModel, ApexForCausalLM)
-    tester_overrides: dict = {}
+    tester_config = COMMON_TESTS_GQA
     # The mixin skips this init-coverage test for models whose config file has no "# Copyright <year>" header (it
     # reads that as "added before 2023"); Apex is new, so check that `_init_weights` covers every weight.
     test_can_init_all_missing_weights_before_2023 = True
 
     def setUp(self):
-        self.model_tester = ApexModelTester(self, **self.tester_overrides)
+        self.model_tester = ApexModelTester(self, self.tester_config)
         # hidden_size=64, not transformers' usual 37: ApexConfig rejects a hidden size its 16 default heads don't
         # divide.
         self.config_tester = ConfigTester(
@@ -145,25 +117,4 @@ class ApexModelTest(ApexCommonTestBase, unittest.TestCase):
 
 
 class ApexMLAModelTest(ApexCommonTestBase, unittest.TestCase):
-    tester_overrides = dict(
-        attention_type="mla",
-        num_key_value_heads=4,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        qk_norm=False,
-        attention_output_gate="elementwise",
-        # sliding prelude layer, full-attention core: prelude 1 + core 1 (K=1) + coda 0 = 2 unrolled layers
-        num_prelude_layers=1,
-        num_refinement_steps=1,
-        memory_injection="none",
-        layer_types=["sliding_attention", "full_attention"],
-        mlp_layer_types=["dense", "sparse"],
-        num_shared_experts=0,
-        router_scoring="sigmoid",
-        n_group=2,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-    )
+    tester_config = COMMON_TESTS_MLA

@@ -9,8 +9,8 @@ from test_conversion import forward_kwargs, make_batch, model_pair
 from tiny_configs import tiny_config
 
 from apex_hf import ApexForCausalLM
-from apex_hf.convert import ConversionError
-from apex_hf.upcycle import upcycle_model, upcycle_to_moe, upcycle_to_refinement
+from apex_hf.convert.families import ConversionError
+from apex_hf.convert.upcycle import upcycle_model, upcycle_to_moe, upcycle_to_refinement
 
 
 MOE_ATOL = 1e-5  # k copies of the MLP weighted by k weights that sum to 1: equal up to fp32 rounding

@@ -3,7 +3,7 @@
 With apex_hf imported, the `apex` model type is registered with `AutoConfig`, `AutoModel` and
 `AutoModelForCausalLM`, and the classes are marked for remote code, so `save_pretrained` writes `auto_map` and
 copies `modeling/` next to the weights (a checkpoint then loads with `trust_remote_code=True` where apex_hf is not
-installed). Once PEFT is imported, Apex's default LoRA targets are registered with it too (`apex_hf.lora`).
+installed). Once PEFT is imported, Apex's default LoRA targets are registered with it too (`apex_hf.posttrain.lora`).
 
 `import apex_hf` itself stays light (no torch, no transformers), so the `apex-hf` command starts fast: the classes
 are imported on first access (`apex_hf.ApexConfig`), and each registration runs as soon as a module that calls for

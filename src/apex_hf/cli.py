@@ -7,18 +7,93 @@ GPT-OSS / GLM-4 checkpoint as Apex; `export SRC OUT --to FAMILY`: back; `upcycle
 single pass -> refinement loop, outputs unchanged. `preprocess INPUT... --output OUT`: clean, filter and
 deduplicate pre-training text (datatrove). `demo`: the CPU demo. Training commands run the same under
 `accelerate launch` (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
+
+Each command is a row of `COMMANDS`: its help, the function that adds its arguments, and the function that runs it.
+A command marks where bad input can show (`bad_input`): reading a recipe, a flag or a path, and for some commands the
+work itself (a checkpoint that cannot be converted, data that leaves nothing). Bad input ends in a one-line message
+and exit status 2 (`main`); any other error keeps its traceback.
 """
 
 from __future__ import annotations
 
-# The standard library only, here and in `apex_hf/__init__.py`: `--help` and the light commands start in a fraction of
-# a second, and each command imports torch / transformers / TRL when it runs.
+# The standard library only, here and in what is imported below (`apex_hf/__init__.py`, the argument builders of
+# `demo.py` and `pretrain/preprocess.py`): `--help` and the light commands start in a fraction of a second, and each
+# command imports torch / transformers / TRL when it runs.
 import argparse
 import json
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+from .demo import add_demo_arguments
+from .pretrain.preprocess import add_preprocess_arguments
+
+
+class BadInput(Exception):
+    """A recipe, a flag, a path or a checkpoint the command cannot use; `main` reports it in one line."""
+
+
+@contextmanager
+def bad_input(*kinds: type[BaseException]) -> Iterator[None]:
+    """Errors of `kinds` raised in the block are bad input."""
+    try:
+        yield
+    except kinds as error:
+        raise BadInput(str(error)) from error
+
+
+# What reading a recipe raises where it is wrong. ImportError: a package of an extra is missing.
+RECIPE_ERRORS = (ValueError, FileNotFoundError, ImportError)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `apex-hf` command: a row of `COMMANDS`."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], object]
+    run: Callable[[argparse.Namespace, list[str]], int]  # (arguments, recipe overrides) -> exit status
+    description: str | None = None
+    takes_overrides: bool = False  # the `--field value` pairs argparse does not know go to the recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    command = COMMANDS[args.command]
+    if overrides and not command.takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    try:
+        return command.run(args, overrides)
+    except BadInput as error:
+        parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apex-hf", description="Apex (MoE + iterative refinement) tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(commands.add_parser(name, help=command.help, description=command.description))
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# info, presets
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a preset name (see `apex-hf presets`), a saved model folder or its config.json")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's training length")
+    parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
 
 
 def _human(value: float, unit: str = "") -> str:
@@ -63,13 +138,14 @@ def _read_apex_config(path: Path):
     return ApexConfig.from_pretrained(path)
 
 
-def _info(args: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace, overrides: list[str]) -> int:
     from .counting import count
     from .presets import TRAINING_SEQ_LEN
 
-    config = _load_config(args.model)
-    seq_len = args.seq_len or TRAINING_SEQ_LEN.get(args.model) or min(config.max_position_embeddings, 4096)
-    result = count(config, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
+    with bad_input(ValueError, FileNotFoundError):  # an unknown preset or a bad path
+        config = _load_config(args.model)
+        seq_len = args.seq_len or TRAINING_SEQ_LEN.get(args.model) or min(config.max_position_embeddings, 4096)
+        result = count(config, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
     dtype = f"{args.dtype_bytes}-byte values"
     rows = [
         ("total params", result.total),
@@ -93,7 +169,7 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _presets(args: argparse.Namespace) -> int:
+def _presets(args: argparse.Namespace, overrides: list[str]) -> int:
     from .presets import PRESETS, TRAINING_SEQ_LEN
 
     for name in PRESETS:
@@ -101,11 +177,109 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .convert import ConversionError, convert_checkpoint, export_checkpoint
-    from .upcycle import upcycle_checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+# training
+
+
+def _stage_arguments(stage: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help=f"recipe YAML, e.g. recipes/apex-small/{stage}.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+
+
+def _recipe_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    return [*overrides, "--resume_from_checkpoint", "latest"] if args.resume else overrides
+
+
+def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    with bad_input(*RECIPE_ERRORS):
+        from .pretrain.config import load_pretrain_config
+        from .pretrain.train import run_pretrain
+
+        config = load_pretrain_config(args.config, _recipe_overrides(args, overrides))
+    return _until_stopped(args, lambda: run_pretrain(config))
+
+
+def _posttrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    with bad_input(*RECIPE_ERRORS):
+        from .posttrain.config import load_recipe
+        from .posttrain.stages import run_stage
+
+        recipe = load_recipe(args.config, args.command, _recipe_overrides(args, overrides))
+    run_stage(recipe)
+    return 0
+
+
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="pipeline YAML, e.g. recipes/apex-small/pipeline.yaml")
+    parser.add_argument("--resume", action="store_true", help="skip finished stages, resume an unfinished one")
+
+
+def _pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
+    with bad_input(*RECIPE_ERRORS):
+        from .pipeline import plan_pipeline, run_pipeline
+
+        plan = plan_pipeline(args.file, overrides)
+    return _until_stopped(args, lambda: run_pipeline(plan, resume=args.resume))
+
+
+def _until_stopped(args: argparse.Namespace, train: Callable[[], object]) -> int:
+    """Run `train`; a SIGTERM answered with a checkpoint ends with the shell's code for "terminated"."""
+    from .pretrain.checkpoint import TrainingStopped
 
     try:
+        train()
+    except TrainingStopped as stopped:
+        print(f"apex-hf {args.command}: {stopped}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    return 0
+
+
+def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="adapter folder (adapter_config.json + weights)")
+    parser.add_argument("output", help="new folder for the merged model")
+    parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+
+
+def _merge_lora(args: argparse.Namespace, overrides: list[str]) -> int:
+    with bad_input(ImportError):
+        from .posttrain.lora import merge_lora
+    merge_lora(args.adapter, args.output, base_model=args.base)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# convert, export, upcycle
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="transformers checkpoint folder (config.json + weights)")
+    parser.add_argument("output", help="new folder for the Apex checkpoint")
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="Apex checkpoint folder")
+    parser.add_argument("output", help="new folder for the exported checkpoint")
+    parser.add_argument("--to", required=True, help="model_type of the target family, e.g. llama, mixtral")
+
+
+def _upcycle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="Apex checkpoint folder, or any folder `apex-hf convert` reads")
+    parser.add_argument("output", help="new folder for the upcycled Apex checkpoint")
+    parser.add_argument("--experts", type=int, default=None, help="dense -> MoE with this many experts per layer")
+    parser.add_argument("--experts-per-token", type=int, default=2, help="experts each token is routed to")
+    parser.add_argument("--refinement-steps", type=int, default=None, help="single pass -> this many core passes")
+    parser.add_argument("--max-refinement-steps", type=int, default=None, help="passes the cache has room for")
+    parser.add_argument("--memory", default="gated_add", help="memory_injection of the loop (default gated_add)")
+    parser.add_argument("--prelude-layers", type=int, default=None, help="layers before the loop (default: kept)")
+    parser.add_argument("--coda-layers", type=int, default=None, help="layers after the loop (default: kept)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
+
+
+def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .convert.families import ConversionError, convert_checkpoint, export_checkpoint
+    from .convert.upcycle import upcycle_checkpoint
+
+    with bad_input(ConversionError, FileNotFoundError, FileExistsError):
         if args.command == "convert":
             output = convert_checkpoint(args.source, args.output)
         elif args.command == "export":
@@ -123,149 +297,71 @@ def _convert_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
                 num_coda_layers=args.coda_layers,
                 seed=args.seed,
             )
-    except (ConversionError, FileNotFoundError, FileExistsError) as error:
-        parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
     print(f"apex-hf {args.command}: wrote {output}")
     return 0
 
 
-def _prepare_job(args: argparse.Namespace, overrides: list[str]):
-    """Read and check everything a training command needs, and return the call that runs it. Errors here are bad
-    input (a recipe, a path) and get a one-line message; errors while training keep their traceback."""
-    if args.command in ("pretrain", "sft", "dpo", "grpo") and args.resume:
-        overrides = [*overrides, "--resume_from_checkpoint", "latest"]
-    if args.command == "pretrain":
-        from .pretrain.config import load_pretrain_config
-        from .pretrain.train import run_pretrain
-
-        config = load_pretrain_config(args.config, overrides)
-        return lambda: run_pretrain(config)
-    if args.command == "pipeline":
-        from .pipeline import plan_pipeline, run_pipeline
-
-        plan = plan_pipeline(args.file, overrides)
-        return lambda: run_pipeline(plan, resume=args.resume)
-    if args.command == "merge-lora":
-        from .lora import merge_lora
-
-        return lambda: merge_lora(args.adapter, args.output, base_model=args.base)
-    from .recipe import load_recipe
-    from .stages import run_stage
-
-    recipe = load_recipe(args.config, args.command, overrides)
-    return lambda: run_stage(recipe)
+# --------------------------------------------------------------------------------------------------------------------
+# preprocess, demo
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="apex-hf", description="Apex (MoE + iterative refinement) tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .pretrain.preprocess import PreprocessError, config_from_args, preprocess
 
-    info = commands.add_parser("info", help="parameters, KV cache and FLOPs of a preset or a saved config")
-    info.add_argument("model", help="a preset name (see `apex-hf presets`), a saved model folder or its config.json")
-    info.add_argument("--seq-len", type=int, default=None, help="default: the preset's training length")
-    info.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
-    commands.add_parser("presets", help="list the preset names")
-
-    for stage, description in (
-        ("pretrain", "pre-train (or continue pre-training) with Accelerate"),
-        ("sft", "supervised fine-tuning (TRL SFTTrainer)"),
-        ("dpo", "preference optimisation (TRL DPOTrainer)"),
-        ("grpo", "reinforcement learning with verifiable rewards (TRL GRPOTrainer)"),
-    ):
-        command = commands.add_parser(stage, help=description, description=f"{description}; --field value overrides")
-        command.add_argument("--config", required=True, help=f"recipe YAML, e.g. recipes/apex-small/{stage}.yaml")
-        command.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-
-    pipeline = commands.add_parser("pipeline", help="run a pipeline of stages, each feeding the next")
-    pipeline.add_argument("file", help="pipeline YAML, e.g. recipes/apex-small/pipeline.yaml")
-    pipeline.add_argument("--resume", action="store_true", help="skip finished stages, resume an unfinished one")
-
-    merge = commands.add_parser("merge-lora", help="merge a LoRA adapter into its base model and save the result")
-    merge.add_argument("adapter", help="adapter folder (adapter_config.json + weights)")
-    merge.add_argument("output", help="new folder for the merged model")
-    merge.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
-
-    convert = commands.add_parser("convert", help="convert a checkpoint of an open model family to Apex")
-    convert.add_argument("source", help="transformers checkpoint folder (config.json + weights)")
-    convert.add_argument("output", help="new folder for the Apex checkpoint")
-    export = commands.add_parser("export", help="export an Apex checkpoint to a model family's own format")
-    export.add_argument("source", help="Apex checkpoint folder")
-    export.add_argument("output", help="new folder for the exported checkpoint")
-    export.add_argument("--to", required=True, help="model_type of the target family, e.g. llama, mixtral")
-    upcycle = commands.add_parser(
-        "upcycle", help="grow a model into an MoE and / or a refinement loop with its outputs unchanged at init"
-    )
-    upcycle.add_argument("source", help="Apex checkpoint folder, or any folder `apex-hf convert` reads")
-    upcycle.add_argument("output", help="new folder for the upcycled Apex checkpoint")
-    upcycle.add_argument("--experts", type=int, default=None, help="dense -> MoE with this many experts per layer")
-    upcycle.add_argument("--experts-per-token", type=int, default=2, help="experts each token is routed to")
-    upcycle.add_argument("--refinement-steps", type=int, default=None, help="single pass -> this many core passes")
-    upcycle.add_argument("--max-refinement-steps", type=int, default=None, help="passes the cache has room for")
-    upcycle.add_argument("--memory", default="gated_add", help="memory_injection of the loop (default gated_add)")
-    upcycle.add_argument("--prelude-layers", type=int, default=None, help="layers before the loop (default: kept)")
-    upcycle.add_argument("--coda-layers", type=int, default=None, help="layers after the loop (default: kept)")
-    upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers")
-
-    # ---- preprocess: owned by src/apex_hf/pretrain/preprocess.py, imported only when asked (it needs datatrove) ----
-    preprocess_command = commands.add_parser(
-        "preprocess", help="clean, quality-filter and deduplicate pre-training text into files a recipe reads"
-    )
-    if argv[:1] == ["preprocess"]:
-        from .pretrain.preprocess import add_preprocess_arguments
-
-        add_preprocess_arguments(preprocess_command)
-    # ----------------------------------------------------------------------------------------------------------
-
-    # ---- demo: owned by src/apex_hf/demo.py, imported only when asked so the rest works without it ----
-    demo = commands.add_parser("demo", help="the whole pipeline on a small Apex, on CPU, in minutes")
-    if argv[:1] == ["demo"]:
-        from .demo import add_demo_arguments
-
-        add_demo_arguments(demo)
-    # ---------------------------------------------------------------------------------------------------
-
-    args, overrides = parser.parse_known_args(argv)
-    if overrides and args.command not in ("pretrain", "sft", "dpo", "grpo", "pipeline"):
-        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    if args.command == "info":
-        try:
-            return _info(args)
-        except (ValueError, FileNotFoundError) as error:  # an unknown preset or a bad path: a message, no traceback
-            parser.exit(2, f"apex-hf info: error: {error}\n")
-    if args.command == "presets":
-        return _presets(args)
-    if args.command == "preprocess":
-        from .pretrain.preprocess import PreprocessError, config_from_args, preprocess
-
-        try:
-            config = config_from_args(args)
-        except (ValueError, FileNotFoundError) as error:  # a bad flag or path
-            parser.exit(2, f"apex-hf preprocess: error: {error}\n")
-        try:
-            preprocess(config)
-        except (PreprocessError, ImportError) as error:  # the data (nothing read or kept), or orjson missing
-            parser.exit(2, f"apex-hf preprocess: error: {error}\n")
-        return 0
-    if args.command in ("convert", "export", "upcycle"):
-        return _convert_command(args, parser)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(args)
-        return 0
-    try:
-        job = _prepare_job(args, overrides)
-    except (ValueError, FileNotFoundError, ImportError) as error:  # ImportError: an extra's package is missing
-        parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
-    from .pretrain.checkpoint import TrainingStopped
-
-    try:
-        job()
-    except TrainingStopped as stopped:  # a SIGTERM, answered with a checkpoint: the shell's code for "terminated"
-        print(f"apex-hf {args.command}: {stopped}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    with bad_input(ValueError, FileNotFoundError):  # a bad flag or path
+        config = config_from_args(args)
+    with bad_input(PreprocessError, ImportError):  # the data (nothing read or kept), or orjson missing
+        preprocess(config)
     return 0
+
+
+def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+_STAGE_HELP = {
+    "pretrain": "pre-train (or continue pre-training) with Accelerate",
+    "sft": "supervised fine-tuning (TRL SFTTrainer)",
+    "dpo": "preference optimisation (TRL DPOTrainer)",
+    "grpo": "reinforcement learning with verifiable rewards (TRL GRPOTrainer)",
+}
+
+COMMANDS: dict[str, Command] = {
+    "info": Command("parameters, KV cache and FLOPs of a preset or a saved config", _info_arguments, _info),
+    "presets": Command("list the preset names", _no_arguments, _presets),
+    **{
+        stage: Command(
+            summary,
+            partial(_stage_arguments, stage),
+            _pretrain if stage == "pretrain" else _posttrain,
+            description=f"{summary}; --field value overrides",
+            takes_overrides=True,
+        )
+        for stage, summary in _STAGE_HELP.items()
+    },
+    "pipeline": Command(
+        "run a pipeline of stages, each feeding the next", _pipeline_arguments, _pipeline, takes_overrides=True
+    ),
+    "merge-lora": Command(
+        "merge a LoRA adapter into its base model and save the result", _merge_lora_arguments, _merge_lora
+    ),
+    "convert": Command("convert a checkpoint of an open model family to Apex", _convert_arguments, _convert),
+    "export": Command("export an Apex checkpoint to a model family's own format", _export_arguments, _convert),
+    "upcycle": Command(
+        "grow a model into an MoE and / or a refinement loop with its outputs unchanged at init",
+        _upcycle_arguments,
+        _convert,
+    ),
+    "preprocess": Command(
+        "clean, quality-filter and deduplicate pre-training text into files a recipe reads",
+        add_preprocess_arguments,
+        _preprocess,
+    ),
+    "demo": Command("the whole pipeline on a small Apex, on CPU, in minutes", add_demo_arguments, _demo),
+}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ adapter for a new skill (PEFT) — on the small data the repo ships (`data/`, re
 
 from __future__ import annotations
 
+# The standard library only until `run_demo`: `apex-hf` builds its parser with `add_demo_arguments`.
 import argparse
 import json
 import os
@@ -22,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .stage_folder import read_log_history, read_summary
 
-# The demo never talks to the Hub (set before transformers is imported by anything below).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PIPELINE = REPO_ROOT / "recipes" / "apex-small" / "pipeline.yaml"
@@ -45,10 +44,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 # ------------------------------------------------------------------------------------------------------------------
 # measuring
-
-
-def _log_history(folder: Path) -> list[dict]:
-    return json.loads((folder / "trainer_state.json").read_text())["log_history"]
 
 
 def _first_and_last(history: list[dict], key: str) -> tuple[float | None, float | None]:
@@ -71,8 +66,8 @@ def measure(plan) -> list[dict]:
     rows, math_accuracy = [], None
     for planned in plan:
         folder = planned.output_dir
-        history = _log_history(folder)
-        summary = json.loads((folder / "stage_summary.json").read_text())
+        history = read_log_history(folder)
+        summary = read_summary(folder)
         row = {"stage": planned.name, "seconds": summary["wall_seconds"], "accuracy": None}
         if planned.stage == "pretrain":
             row["metric"], (row["before"], row["after"]) = "held-out loss", _first_and_last(history, "eval_loss")
@@ -130,7 +125,7 @@ def plot_curves(plan, path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(plan), figsize=(4 * len(plan), 3.2), squeeze=False)
     for axis, planned in zip(axes[0], plan):
-        history = _log_history(planned.output_dir)
+        history = read_log_history(planned.output_dir)
         key = "reward" if planned.stage == "grpo" else "loss"
         points = [(e["step"], e[key]) for e in history if key in e and "eval_" + key not in e]
         axis.plot(*zip(*points), label=f"train {key}")
@@ -214,6 +209,9 @@ def reload_in_fresh_process(model_dir: Path, question: str, threads: int) -> dic
 
 
 def run_demo(args: argparse.Namespace) -> dict:
+    # The demo never talks to the Hub (set before transformers is imported, which the imports below do).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
     from .pipeline import plan_pipeline, run_pipeline

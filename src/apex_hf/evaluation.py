@@ -26,7 +26,7 @@ def as_prompt(row: dict) -> list[dict]:
 
 def reference_answer(row: dict) -> str:
     """The reference: an `answer` column, or the last `\\boxed{}` of the reference reply."""
-    from .rewards import completion_text, extract_answer
+    from .posttrain.rewards import completion_text, extract_answer
 
     if "answer" in row:
         return str(row["answer"])
@@ -43,7 +43,7 @@ def generation_accuracy(
     batch_size: int = 32,
 ) -> tuple[float, list[str]]:
     """Mean `reward` (default: `accuracy_reward`) of greedy completions of the rows' prompts, and the completions."""
-    from .rewards import accuracy_reward
+    from .posttrain.rewards import accuracy_reward
 
     reward = reward or accuracy_reward
     was_training, padding_side = model.training, tokenizer.padding_side

@@ -1,13 +1,20 @@
-"""Writing an output folder all at once: it is built next to its final place and renamed there, so it is either
-complete or absent, never half-written."""
+"""Writing output folders: a folder all at once (built next to its final place and renamed there, so it is either
+complete or absent, never half-written), and the JSON files in them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Indented, one value per line; what JSON cannot hold (a path, a dtype) is written as its text."""
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
 def check_new_output_dir(output_dir: str | Path) -> Path:

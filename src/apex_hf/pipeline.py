@@ -17,14 +17,42 @@ its summary is skipped, and an unfinished post-training stage continues from its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .recipe import apply_overrides, build_dataclass, parse_recipe, read_yaml
+from .posttrain import config as posttrain_config
+from .posttrain.stages import TRAINERS, run_stage
+from .pretrain import config as pretrain_config
+from .pretrain.train import run_pretrain
+from .recipe import build_dataclass, read_recipe, read_yaml
+from .stage_folder import is_finished
 
 
-STAGES = ("pretrain", "sft", "dpo", "grpo")
+@dataclass(frozen=True)
+class StageKind:
+    """What the pipeline does with one kind of stage; each part belongs to that stage's config or trainer."""
+
+    parse: Callable[..., Any]  # (a stage file's mapping, source=its name) -> the checked config
+    continue_from: Callable[[dict[str, Any], Path], dict[str, Any]]  # the mapping, from the previous stage's folder
+    run: Callable[[Any], Path]  # trains and returns the stage's folder
+    resume: Callable[[Any], None] | None = None  # an unfinished stage goes on from its checkpoint; None: restarts
+
+
+STAGES = {
+    "pretrain": StageKind(pretrain_config.parse_pretrain_config, pretrain_config.continue_from, run_pretrain),
+    **{
+        stage: StageKind(
+            partial(posttrain_config.parse_recipe, stage=stage),
+            posttrain_config.continue_from,
+            run_stage,
+            posttrain_config.Recipe.resume_latest,
+        )
+        for stage in TRAINERS
+    },
+}
 
 
 @dataclass
@@ -36,7 +64,7 @@ class StageEntry:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; expected one of {STAGES}")
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {tuple(STAGES)}")
         self.name = self.name or self.stage
 
 
@@ -64,7 +92,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[PlannedStage]:
     """Read the pipeline and every stage file, wire each stage's model to the previous stage's output, check all."""
     path = Path(path)
-    raw = apply_overrides(read_yaml(path), overrides or [])
+    raw = read_recipe(path, overrides)
     config = build_dataclass(PipelineConfig, raw, str(path))
     entries = [build_dataclass(StageEntry, entry, f"{path} stages[{i}]") for i, entry in enumerate(config.stages)]
     names = [entry.name for entry in entries]
@@ -73,44 +101,31 @@ def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[
 
     plan: list[PlannedStage] = []
     for entry in entries:
-        source = path.parent / entry.config
-        stage_raw = _merge(read_yaml(source), entry.overrides)
+        kind, source = STAGES[entry.stage], path.parent / entry.config
         output_dir = Path(config.output_dir) / entry.name
-        stage_raw["output_dir"] = str(output_dir)
+        stage_raw = {**_merge(read_yaml(source), entry.overrides), "output_dir": str(output_dir)}
         if plan:  # the previous stage's folder is this stage's model (and tokenizer)
-            model = stage_raw.setdefault("model", {})
-            model.pop("preset", None)
-            model.pop("tokenizer_name_or_path", None)
-            model["name_or_path"] = str(plan[-1].output_dir)
-        if entry.stage == "pretrain":
-            from .pretrain.config import parse_pretrain_config
-
-            if plan:  # continued pre-training: the previous folder's model and tokenizer
-                stage_raw["tokenizer"] = {}
-            recipe = parse_pretrain_config(stage_raw, source=str(source))
-        else:
-            recipe = parse_recipe(stage_raw, entry.stage, source=str(source))
-        plan.append(PlannedStage(entry.name, entry.stage, recipe, output_dir))
+            stage_raw = kind.continue_from(stage_raw, plan[-1].output_dir)
+        plan.append(PlannedStage(entry.name, entry.stage, kind.parse(stage_raw, source=str(source)), output_dir))
     return plan
 
 
 def run_pipeline(plan: list[PlannedStage], resume: bool = False) -> list[Path]:
     """Run the planned stages in order (see `plan_pipeline`); returns the stage folders."""
-    from .stages import SUMMARY_FILE, run_stage
-
     outputs = []
     for index, planned in enumerate(plan, 1):
-        done = (planned.output_dir / SUMMARY_FILE).is_file()
+        done = is_finished(planned.output_dir)
         print(f"[pipeline] stage {index}/{len(plan)}: {planned.name} ({planned.stage}) -> {planned.output_dir}")
         if resume and done:
             print(f"[pipeline] {planned.name} already finished; skipped")
-        elif planned.stage == "pretrain":
-            from .pretrain.train import run_pretrain
-
-            run_pretrain(planned.recipe)
         else:
-            if resume and planned.output_dir.is_dir():
-                planned.recipe.args.resume_from_checkpoint = "latest"
-            run_stage(planned.recipe)
+            _run(planned, resume)
         outputs.append(planned.output_dir)
     return outputs
+
+
+def _run(planned: PlannedStage, resume: bool) -> None:
+    kind = STAGES[planned.stage]
+    if resume and kind.resume is not None:
+        kind.resume(planned.recipe)
+    kind.run(planned.recipe)

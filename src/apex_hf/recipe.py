@@ -1,26 +1,12 @@
-"""Stage recipes: one YAML file per training stage, in the layout of alignment-handbook.
+"""Recipe files: the machinery every training config shares, the pre-training one (`apex_hf.pretrain.config`) and the
+post-training one (`apex_hf.posttrain.config`).
 
-A stage file holds the fields of the stage's TRL config (`SFTConfig`, `DPOConfig`, `GRPOConfig`) at its top level,
-plus these sections:
-
-```yaml
-model:            # ModelArguments: where the model and the tokenizer come from
-  name_or_path: outputs/apex-small/pretrain
-data:             # DataArguments: TRL's dataset mixture, plus optional held-out datasets
-  datasets:
-    - {path: json, data_files: data/demo/sft_train.jsonl, columns: [messages]}
-  eval_datasets:
-    - {path: json, data_files: data/demo/sft_test.jsonl}
-peft:             # LoraConfig fields; absent means a full fine-tune (see apex_hf.lora for the default targets)
-  r: 16
-reward_funcs: [accuracy, format]   # GRPO only: registry names or dotted paths (apex_hf.rewards)
-learning_rate: 1.0e-4              # ...and any other field of the stage's TRL config
-```
-
-Everything is checked when the file is read, before a model is loaded: an unknown field (with a suggestion), a
-missing local data file, an unknown reward function, and the TRL config's own checks (e.g. `num_generations` must
-divide the generation batch). Relative paths are relative to the working directory, as in TRL and
-alignment-handbook. `--key value` and `--section.key value` on the command line override the file.
+A recipe is one YAML mapping (`read_yaml`), changed by `--key value` / `--section.key value` on the command line
+(`apply_overrides`; both: `read_recipe`) and built into dataclasses that check their values, an unknown field named
+with the closest known one (`build_dataclass`). Two sections mean the same in every recipe: `model`
+(`ModelArguments`: where the model comes from and how its weights load) and `data` (`DataArguments`: TRL's dataset
+mixture plus held-out datasets, every local file checked to exist by `check_data_files` before anything is loaded).
+Relative paths are relative to the working directory, as in TRL and alignment-handbook.
 """
 
 from __future__ import annotations
@@ -36,26 +22,35 @@ import yaml
 from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig
 
 
-SECTIONS = ("model", "data", "peft", "reward_funcs")
+# The keys of a `model` section that name where the model and its tokenizer come from: a stage that continues from the
+# previous stage's folder takes both from there, whatever its file named.
+MODEL_SOURCE_KEYS = ("preset", "name_or_path", "tokenizer_name_or_path")
 
 
 @dataclass
 class ModelArguments:
-    """Where a stage's model and tokenizer come from, and how to load them."""
+    """A recipe's `model` section: where the model comes from and how its weights are loaded. Each trainer's config
+    adds its own fields (`PretrainModelArguments`, `PosttrainModelArguments`) and checks `dtype` against what it can
+    train in."""
 
-    name_or_path: str
-    revision: str | None = None
-    tokenizer_name_or_path: str | None = None  # default: the model's folder or repo
-    dtype: str = "float32"  # "float32" | "bfloat16" | "float16" | "auto" (the checkpoint's dtype)
-    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flex_attention"
-    trust_remote_code: bool = False  # only needed where apex_hf is not installed
-    chat_template: str | None = None  # a Jinja file; default: the tokenizer's own template, else Apex's ChatML one
-    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 Linear layers (needs CUDA + bitsandbytes)
+    name_or_path: str | None = None  # a folder or a Hub repo id
+    dtype: str = "float32"  # the weights' dtype; "auto": the checkpoint's
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flex_attention"; default: transformers'
 
-    def __post_init__(self):
-        allowed = ("float32", "bfloat16", "float16", "auto")
-        if self.dtype not in allowed:
-            raise ValueError(f"model.dtype must be one of {allowed}, got {self.dtype!r}")
+    def loading_kwargs(self) -> dict[str, Any]:
+        """`dtype` (as a torch dtype) and `attn_implementation`, as `from_pretrained` / `from_config` take them."""
+        import torch
+
+        kwargs: dict[str, Any] = {"dtype": self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return kwargs
+
+
+def model_from_folder(model: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
+    """A recipe's `model` mapping that loads the model and tokenizer saved in `folder` (a finished stage's)."""
+    kept = {key: value for key, value in (model or {}).items() if key not in MODEL_SOURCE_KEYS}
+    return {**kept, "name_or_path": str(folder)}
 
 
 @dataclass
@@ -72,29 +67,6 @@ class DataArguments(DatasetMixtureConfig):
             raise ValueError("data.datasets is empty: a stage needs at least one training dataset")
         if self.eval_datasets and self.test_split_size is not None:
             raise ValueError("set either data.eval_datasets or data.test_split_size, not both")
-
-
-@dataclass
-class Recipe:
-    """A parsed stage file: the TRL config plus the sections."""
-
-    stage: str
-    args: Any  # the stage's TRL config (or the pre-training config)
-    model: ModelArguments
-    data: DataArguments
-    peft: dict[str, Any] | None = None
-    reward_funcs: list[str] = field(default_factory=list)
-    source: str = "<dict>"
-
-
-def stage_config_class(stage: str):
-    """The TRL config class that holds a stage's training fields."""
-    from trl import DPOConfig, GRPOConfig, SFTConfig
-
-    classes = {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
-    if stage not in classes:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(classes)}")
-    return classes[stage]
 
 
 def build_dataclass(cls, values: dict[str, Any], where: str):
@@ -158,6 +130,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A recipe file's mapping with the command line's `--key value` overrides applied."""
+    return apply_overrides(read_yaml(path), overrides or [])
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -166,51 +143,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a recipe must be a YAML mapping")
     return raw
-
-
-def parse_recipe(raw: dict[str, Any], stage: str, source: str = "<dict>") -> Recipe:
-    """Build and check a `Recipe` from a stage file's mapping."""
-    raw = dict(raw)
-    sections = {name: raw.pop(name, None) for name in SECTIONS}
-    if sections["model"] is None or sections["data"] is None:
-        missing = [name for name in ("model", "data") if sections[name] is None]
-        raise ValueError(f"{source}: missing section(s) {missing}")
-    config_class = stage_config_class(stage)
-    args = build_dataclass(config_class, raw, source)
-    model = build_dataclass(ModelArguments, sections["model"], f"{source} [model]")
-    data = build_dataclass(DataArguments, sections["data"], f"{source} [data]")
-    check_data_files(data, f"{source} [data]")
-
-    peft = sections["peft"]
-    if peft is not None:
-        from .lora import build_lora_config
-
-        build_lora_config(peft, where=f"{source} [peft]")  # checked now; the targets come from the model later
-    if model.load_in_4bit and peft is None:
-        raise ValueError(f"{source}: model.load_in_4bit trains only adapters; add a peft section (QLoRA)")
-
-    reward_funcs = sections["reward_funcs"] or []
-    if reward_funcs and stage != "grpo":
-        raise ValueError(f"{source}: reward_funcs is a GRPO field; stage {stage!r} has no rewards")
-    if stage == "grpo":
-        from .rewards import resolve_reward
-
-        if not reward_funcs:
-            raise ValueError(f"{source}: a GRPO recipe needs reward_funcs (e.g. [accuracy, format])")
-        for spec in reward_funcs:
-            resolve_reward(spec)
-        weights = args.reward_weights
-        if weights is not None and len(weights) != len(reward_funcs):
-            raise ValueError(
-                f"{source}: reward_weights has {len(weights)} values for {len(reward_funcs)} reward_funcs"
-            )
-    return Recipe(stage, args, model, data, peft, list(reward_funcs), source)
-
-
-def load_recipe(path: str | Path, stage: str, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and check a stage file."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return parse_recipe(raw, stage, source=str(path))
 
 
 def check_data_files(data: DataArguments, where: str) -> None:
@@ -240,15 +172,3 @@ def is_hub_repo_id(path: str) -> bool:
 
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet", ".txt")
-
-
-def load_datasets(data: DataArguments):
-    """The training and held-out datasets of a stage (`datasets.Dataset`, or `None` for no held-out set)."""
-    from trl.scripts.utils import get_dataset
-
-    splits = get_dataset(data)
-    eval_dataset = splits.get("test")
-    if data.eval_datasets:
-        eval_mixture = DatasetMixtureConfig(datasets=data.eval_datasets, streaming=data.streaming)
-        eval_dataset = get_dataset(eval_mixture)["train"]
-    return splits["train"], eval_dataset

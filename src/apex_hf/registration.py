@@ -33,7 +33,7 @@ def _register_models() -> None:
 
 
 def _register_lora_targets() -> None:
-    from apex_hf import lora  # noqa: F401  (importing it registers the targets with PEFT)
+    from apex_hf.posttrain import lora  # noqa: F401  (importing it registers the targets with PEFT)
 
 
 # Registration -> the modules any of which, once imported, calls for it (in this order). Either side may come first:

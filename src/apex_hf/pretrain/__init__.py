@@ -2,7 +2,10 @@
 
 - `config`: the recipe (`PretrainConfig`), checked before any model is built;
 - `data`: documents -> packed rows (no cross-document attention) -> deterministic, resumable batches;
-- `train`: the loop, held-out evaluation, logs and the saved folder;
+- `build`: the parts a run is set up from (processes, tokenizer, model, batches, optimizer);
+- `train`: the run (`PretrainRun`: set-up, the step loop with held-out evaluation and checkpoints, the saved folder);
+- `log`: what the run logs, in one `TrainingLog`;
+- `checkpoint`: atomic, resumable checkpoints and the clean stop on SIGTERM;
 - `preprocess`: raw text -> cleaned, quality-filtered, deduplicated files for `data.datasets` (`apex-hf preprocess`,
   on datatrove).
 """

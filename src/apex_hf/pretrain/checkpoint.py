@@ -6,7 +6,7 @@ own formats), each process's data position (`data_state_<rank>.json`), the log h
 tokenizer. It is written as `.checkpoint-<step>.partial` and renamed once complete, with `checkpoint.json` (the step,
 the number of processes, every file's size) written last, so a folder named `checkpoint-<step>` is never half-written.
 A crash while renaming or a disk that lost data can still leave a damaged folder: `find_checkpoints` checks the
-recorded sizes (a truncated file fails) and `load_checkpoint` falls back to an older checkpoint when loading one
+recorded sizes (a truncated file fails) and `restore_checkpoint` falls back to an older checkpoint when loading one
 fails. Contents are not hashed: for a sharded multi-hundred-GB state that would cost minutes at every save.
 
 These checkpoints are for resuming (`resume_from_checkpoint: latest`); the model to use is the final folder.
@@ -27,14 +27,12 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from ..outputs import write_json
+from ..stage_folder import read_trainer_state, write_trainer_state
+
 
 MANIFEST = "checkpoint.json"
-TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
 def _fsync(path: Path) -> None:
@@ -73,7 +71,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokenizer.save_pretrained(partial)
-        write_json(partial / TRAINER_STATE, trainer_state)
+        write_trainer_state(partial, trainer_state)
         files = _fsync_tree(partial)
         write_json(partial / MANIFEST, {"step": step, "num_processes": accelerator.num_processes, "files": files})
         _fsync(partial / MANIFEST)
@@ -147,14 +145,14 @@ def find_checkpoints(output_dir: Path, requested: str, num_processes: int, say) 
     return usable
 
 
-def load_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tuple[Path, dict, dict] | None:
+def restore_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tuple[Path, dict, dict] | None:
     """Restore the first candidate every process can load: `(folder, trainer_state, data_state)`, or None when none
     loads. The processes agree on each attempt, so that all of them continue from the same step."""
     for folder in candidates:
         error = None
         try:
             accelerator.load_state(str(folder))
-            trainer_state = json.loads((folder / TRAINER_STATE).read_text())
+            trainer_state = read_trainer_state(folder)
             data_state = json.loads((folder / f"data_state_{accelerator.process_index}.json").read_text())
         except Exception as caught:  # a damaged file surfaces as whatever its reader raises
             error = caught

@@ -28,7 +28,7 @@ from typing import Any
 
 from trl.scripts.utils import DatasetConfig
 
-from ..recipe import DataArguments, apply_overrides, build_dataclass, check_data_files, read_yaml
+from ..recipe import DataArguments, ModelArguments, build_dataclass, check_data_files, model_from_folder, read_recipe
 from .checkpoint import has_checkpoints
 
 
@@ -46,14 +46,12 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 @dataclass
-class ModelSection:
-    """Where the model comes from: a preset (a new model) or a checkpoint (continued pre-training)."""
+class PretrainModelArguments(ModelArguments):
+    """Where the model comes from: a preset (a new model) or a checkpoint (`name_or_path`, continued pre-training).
+    Keep `dtype` float32 for mixed_precision bf16 (fp32 master weights)."""
 
     preset: str | None = None
-    name_or_path: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # ApexConfig fields
-    dtype: str = "float32"  # weights' dtype; keep float32 for mixed_precision bf16 (fp32 master weights)
-    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"; default: transformers'
 
     def __post_init__(self):
         if (self.preset is None) == (self.name_or_path is None):
@@ -74,7 +72,7 @@ class ModelSection:
 
 
 @dataclass
-class TokenizerSection:
+class TokenizerArguments:
     """A tokenizer to load, or the size of a byte-level BPE to train on the training documents. Empty: the
     tokenizer saved with `model.name_or_path`."""
 
@@ -236,10 +234,10 @@ class PretrainConfig:
     """Top-level fields of a pre-training recipe. Steps are optimizer steps; a step sees
     `per_device_train_batch_size * gradient_accumulation_steps * processes` rows of `seq_len` tokens."""
 
-    model: ModelSection
+    model: PretrainModelArguments
     data: PretrainDataArguments
     output_dir: str
-    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    tokenizer: TokenizerArguments = field(default_factory=TokenizerArguments)
     seq_len: int = 2048
     max_steps: int = 1000
     per_device_train_batch_size: int = 8
@@ -395,13 +393,19 @@ def parse_pretrain_config(raw: dict[str, Any], source: str = "<dict>") -> Pretra
     for name in ("model", "data"):
         if name not in raw:
             raise ValueError(f"{source}: missing section {name!r}")
-    raw["model"] = build_dataclass(ModelSection, raw["model"], f"{source} [model]")
+    raw["model"] = build_dataclass(PretrainModelArguments, raw["model"], f"{source} [model]")
     raw["data"] = build_dataclass(PretrainDataArguments, raw["data"], f"{source} [data]")
-    raw["tokenizer"] = build_dataclass(TokenizerSection, raw.get("tokenizer") or {}, f"{source} [tokenizer]")
+    raw["tokenizer"] = build_dataclass(TokenizerArguments, raw.get("tokenizer") or {}, f"{source} [tokenizer]")
     check_data_files(raw["data"], f"{source} [data]")
     return build_dataclass(PretrainConfig, raw, source)
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
     """Read a pre-training recipe, apply `--key value` overrides, and check it."""
-    return parse_pretrain_config(apply_overrides(read_yaml(path), overrides or []), source=str(path))
+    return parse_pretrain_config(read_recipe(path, overrides), source=str(path))
+
+
+def continue_from(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A pre-training recipe's mapping, continuing pre-training from the model and tokenizer of the previous stage's
+    `folder`."""
+    return {**raw, "model": model_from_folder(raw.get("model"), folder), "tokenizer": {}}

@@ -40,6 +40,8 @@ untouched.
 
 from __future__ import annotations
 
+# The standard library only at import (datatrove when it runs): `apex-hf` builds its parser with
+# `add_preprocess_arguments`.
 import importlib.util
 import json
 import os

@@ -107,7 +107,7 @@ def answers_match(prediction: str, reference: str) -> bool:
 
 
 def math_verify_match(prediction: str, reference: str) -> bool:
-    # imported on use: `import apex_hf.rewards` must work without it, and it loads sympy (~0.5 s)
+    # imported on use: `import apex_hf.posttrain.rewards` must work without it, and it loads sympy (~0.5 s)
     from math_verify import parse, verify
 
     # math_verify times out through signal.alarm, which only works in the main thread (TRL runs async rewards in

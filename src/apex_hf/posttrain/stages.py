@@ -1,9 +1,9 @@
 """Post-training stages on TRL's trainers: `run_stage(recipe)` for SFT, DPO and GRPO.
 
-A stage loads the model and tokenizer named in its recipe (`apex_hf.recipe`), gives the tokenizer a chat template
-(resizing the embeddings if the vocabulary grew), loads the dataset mixture, wraps the model in LoRA when the recipe
-has a `peft` section, trains with TRL, and leaves in `output_dir` a complete model folder: weights (LoRA merged in;
-the adapter itself in `output_dir/adapter`), tokenizer, model card, `trainer_state.json` (the log history) and
+A stage loads the model and tokenizer named in its recipe (`apex_hf.posttrain.config`), gives the tokenizer a chat
+template (resizing the embeddings if the vocabulary grew), loads the dataset mixture, wraps the model in LoRA when the
+recipe has a `peft` section, trains with TRL, and leaves in `output_dir` a complete model folder: weights (LoRA merged
+in; the adapter itself in `output_dir/adapter`), tokenizer, model card, `trainer_state.json` (the log history) and
 `stage_summary.json` (written last: the stage is complete). That folder loads with
 `from_pretrained(..., trust_remote_code=True)` where apex_hf is not installed, and is the next stage's model.
 
@@ -15,22 +15,19 @@ gets a short line per log step; the trackers (`report_to`) and `trainer_state.js
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
-from .metrics import ApexTrainingStats, console_line
-from .recipe import Recipe, is_hub_repo_id, load_datasets
-from .tokenizer import prepare_chat_tokenizer
-
-
-SUMMARY_FILE = "stage_summary.json"
+from ..metrics import ApexTrainingStats, console_line
+from ..recipe import is_hub_repo_id
+from ..stage_folder import write_summary
+from ..tokenizer import prepare_chat_tokenizer
+from .config import Recipe, load_datasets
 
 
 class ShortProgressCallback(ProgressCallback):
@@ -111,13 +108,7 @@ def check_model_path(name_or_path: str) -> None:
 
 def load_model(recipe: Recipe, tokenizer):
     args = recipe.model
-    kwargs = dict(
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-        dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
-    )
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
+    kwargs = dict(revision=args.revision, trust_remote_code=args.trust_remote_code, **args.loading_kwargs())
     if args.load_in_4bit:
         from .lora import quantization_config
 
@@ -180,7 +171,7 @@ def run_stage(recipe: Recipe) -> Path:
             "final_eval": final_eval,
             "wall_seconds": time.perf_counter() - start,
         }
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        write_summary(output_dir, summary)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -210,7 +201,7 @@ def save_stage(trainer, recipe: Recipe) -> Path:
     else:
         trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:
-        write_model_card(trainer, recipe, output_dir)
+        write_trl_model_card(trainer, recipe, output_dir)
         if recipe.args.push_to_hub:
             push_folder(recipe, output_dir)
     return output_dir
@@ -221,7 +212,7 @@ def hub_dataset_ids(recipe: Recipe) -> list[str]:
     return [d.path for d in recipe.data.datasets if d.data_files is None and is_hub_repo_id(d.path)]
 
 
-def write_model_card(trainer, recipe: Recipe, output_dir: Path) -> None:
+def write_trl_model_card(trainer, recipe: Recipe, output_dir: Path) -> None:
     """TRL's model card (library_name, base_model when the input is a Hub repo, tags), with every Hub dataset of the
     mixture in its metadata."""
     from huggingface_hub import ModelCard

@@ -13,7 +13,7 @@ upcycled model starts with exactly the source's outputs and training begins from
   `memory_gate`; both gates start at zero, so the extra passes are identities and the memory is not read until
   training opens the gates.
 
-The source can be an Apex checkpoint or any family `apex_hf.convert` reads; it is converted first.
+The source can be an Apex checkpoint or any family `apex_hf.convert.families` reads; it is converted first.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import ConversionError, copy_tokenizer_files, load_as_apex
-from .modeling.configuration_apex import MEMORY_INJECTIONS, ApexConfig, unrolled_physical_layers
-from .modeling.modeling_apex import ApexForCausalLM
-from .outputs import atomic_output_dir, check_new_output_dir
+from ..modeling.configuration_apex import MEMORY_INJECTIONS, ApexConfig, unrolled_physical_layers
+from ..modeling.modeling_apex import ApexForCausalLM
+from ..outputs import atomic_output_dir, check_new_output_dir
+from .families import ConversionError, copy_tokenizer_files, load_as_apex
 
 
 # Knobs that only describe the experts being replaced; the upcycled router and experts use their defaults.
@@ -192,8 +192,8 @@ def upcycle_model(
 
 
 def upcycle_checkpoint(source: str | Path, output_dir: str | Path, **options) -> Path:
-    """`upcycle_model` on the checkpoint folder `source` (Apex, or any family `apex_hf.convert` reads), saved to the
-    new folder `output_dir` with the tokenizer files, written whole or not at all."""
+    """`upcycle_model` on the checkpoint folder `source` (Apex, or any family `apex_hf.convert.families` reads),
+    saved to the new folder `output_dir` with the tokenizer files, written whole or not at all."""
     source, output_dir = Path(source), check_new_output_dir(output_dir)
     upcycled = upcycle_model(load_as_apex(source), **options)
     with atomic_output_dir(output_dir) as staging:

@@ -33,9 +33,9 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .modeling.configuration_apex import ApexConfig
-from .modeling.modeling_apex import ApexForCausalLM
-from .outputs import atomic_output_dir, check_new_output_dir
+from ..modeling.configuration_apex import ApexConfig
+from ..modeling.modeling_apex import ApexForCausalLM
+from ..outputs import atomic_output_dir, check_new_output_dir
 
 
 class ConversionError(ValueError):
@@ -703,7 +703,7 @@ def read_model_config(source: Path) -> PreTrainedConfig:
     return AutoConfig.from_pretrained(source)
 
 
-def load_checkpoint(source: Path, model_class) -> PreTrainedModel:
+def load_complete_model(source: Path, model_class) -> PreTrainedModel:
     """Load a checkpoint through transformers (which applies its checkpoint conversion mapping); a checkpoint with
     missing tensors is an error, never a model with random parts."""
     model, info = model_class.from_pretrained(source, dtype="auto", output_loading_info=True)
@@ -721,9 +721,9 @@ def load_as_apex(source: str | Path) -> ApexForCausalLM:
     """The checkpoint folder `source` as an Apex model: an Apex checkpoint as it is, a supported family's converted."""
     model_type = read_model_config(Path(source)).model_type
     if model_type == "apex":
-        return load_checkpoint(Path(source), ApexForCausalLM)
+        return load_complete_model(Path(source), ApexForCausalLM)
     family_of(model_type)  # an unsupported family fails before any weight is read
-    return convert_model(load_checkpoint(Path(source), AutoModelForCausalLM))
+    return convert_model(load_complete_model(Path(source), AutoModelForCausalLM))
 
 
 def convert_checkpoint(source: str | Path, output_dir: str | Path) -> Path:
@@ -745,7 +745,7 @@ def export_checkpoint(source: str | Path, output_dir: str | Path, model_type: st
     source, output_dir = Path(source), check_new_output_dir(output_dir)
     if (source_type := read_model_config(source).model_type) != "apex":
         raise ConversionError(f"{source} is not an Apex checkpoint (its model_type is {source_type!r})")
-    exported = export_model(load_checkpoint(source, ApexForCausalLM), model_type)
+    exported = export_model(load_complete_model(source, ApexForCausalLM), model_type)
     with atomic_output_dir(output_dir) as staging:
         exported.save_pretrained(staging)
         copy_tokenizer_files(source, staging)

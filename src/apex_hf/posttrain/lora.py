@@ -21,9 +21,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.utils import is_bitsandbytes_available, logging
 
-from .counting import build_on_meta
-from .modeling.configuration_apex import ApexConfig
-from .outputs import atomic_output_dir, check_new_output_dir
+from ..counting import build_on_meta
+from ..modeling.configuration_apex import ApexConfig
+from ..outputs import atomic_output_dir, check_new_output_dir
 
 
 logger = logging.get_logger(__name__)
@@ -120,7 +120,8 @@ def build_lora_config(section: dict, model: nn.Module | None = None, where: str 
     """The `LoraConfig` of a recipe's `peft` section: `LoraConfig` fields plus `include_experts`. Without
     `target_modules` the targets are Apex's defaults for `model` (see `default_lora_config`). Without `model` the
     section is only checked, so a typo fails before anything is loaded."""
-    from .recipe import build_dataclass
+    # Imported here: `import peft` imports this module (to register the targets), and recipe.py would bring TRL along.
+    from ..recipe import build_dataclass
 
     section = dict(section or {})
     include_experts = section.pop("include_experts", True)
