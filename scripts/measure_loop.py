@@ -18,8 +18,9 @@ Variants (the rows of the table; `--variants` picks some):
 
 It prints markdown tables and writes JSON: held-out loss (nats per byte and bits per byte) per variant and seed, the
 change against K = 1 on the same seed, the seed-to-seed spread, each K = 3 model evaluated at K = 1 .. 2 x 3, training
-tokens/s, and for the models with a verifier the early-exit curve: per `refinement_exit_threshold`, held-out loss,
-the share of core passes skipped and batch-1 decode tokens/s (greedy, cached, against fixed K).
+tokens/s, and for the models with a verifier the early-exit curve: per `refinement_exit_threshold`, at the trained K
+and at one pass fewer, held-out loss, the share of core passes skipped and batch-1 decode tokens/s (greedy, cached,
+against fixed K).
 
     python scripts/measure_loop.py --steps 1200 --seeds 0 1 --out loop.json   # on a GPU
     python scripts/measure_loop.py --smoke                                   # seconds, CPU, for the tests
@@ -47,7 +48,14 @@ from apex_hf.presets import LOOP_RECIPE
 TRAINED_PASSES = 3
 EVAL_PASSES = tuple(range(1, 2 * TRAINED_PASSES + 1))
 HELD_OUT_MODULUS = 10
-EXIT_THRESHOLDS = (0.999, 0.995, 0.99, 0.95, 0.9, 0.7, 0.5)  # the scores are exp(-KL): the useful ones are near 1
+# Points of the early-exit curve: (passes, exit threshold). The scores are exp(-KL), so the useful thresholds are near
+# 1; exits also combine with fewer passes than trained. The first point, fixed trained K, is the reference.
+EXIT_SETTINGS = (
+    (TRAINED_PASSES, None),
+    *((TRAINED_PASSES, t) for t in (0.999, 0.995, 0.99, 0.95, 0.9, 0.7, 0.5)),
+    (TRAINED_PASSES - 1, None),
+    *((TRAINED_PASSES - 1, t) for t in (0.999, 0.99)),
+)
 PROGRESS_EVERY = 200  # training steps between progress lines
 
 # The recipe under test is the presets' (`apex_hf.presets.LOOP_RECIPE`). A random number of passes per step
@@ -223,12 +231,13 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, device: to
 
 
 def exit_curve(model, windows: torch.Tensor, device: torch.device, decode: bool) -> list[dict]:
-    """Per threshold (`None` = fixed K): held-out loss, share of core passes skipped and, with `decode`, batch-1
-    decode tokens/s (see `add_decode_speeds`)."""
+    """Per point of `EXIT_SETTINGS`: held-out loss, the share of the trained K's core passes skipped and, with
+    `decode`, batch-1 decode tokens/s (see `add_decode_speeds`)."""
     curve = []
-    for threshold in (None, *EXIT_THRESHOLDS):
-        loss, passes = held_out_loss_and_passes(model, windows, device, refinement_exit_threshold=threshold)
-        curve.append({"threshold": threshold, "held_out_loss": loss, "passes_skipped": 1 - passes / TRAINED_PASSES})
+    for num_passes, threshold in EXIT_SETTINGS:
+        settings = dict(num_refinement_steps=num_passes, refinement_exit_threshold=threshold)
+        loss, passes = held_out_loss_and_passes(model, windows, device, **settings)
+        curve.append({**settings, "held_out_loss": loss, "passes_skipped": 1 - passes / TRAINED_PASSES})
     if decode:
         add_decode_speeds(model, windows, device, curve)
     return curve
@@ -236,17 +245,15 @@ def exit_curve(model, windows: torch.Tensor, device: torch.device, decode: bool)
 
 def add_decode_speeds(model, windows: torch.Tensor, device: torch.device, curve: list[dict], rounds: int = 2) -> None:
     """Batch-1 decode tokens/s of every point of an exit curve: a quarter window of held-out prompt, up to 64 bytes
-    generated (eager batch-1 decoding is slow). Measured in rounds over all thresholds, keeping each one's median, so
-    a change in the machine's load hits every threshold alike."""
+    generated (eager batch-1 decoding is slow). Measured in rounds over all points, keeping each one's median, so
+    a change in the machine's load hits every point alike."""
     quarter = windows.shape[1] // 4
     prompt, new_tokens = windows[:1, :quarter], min(quarter, 64)
     speeds = [[] for _ in curve]
     for _ in range(rounds):
         for point, measured in zip(curve, speeds):
-            threshold = point["threshold"]
-            measured.append(
-                decode_tokens_per_s(model, prompt, new_tokens, device, refinement_exit_threshold=threshold)
-            )
+            settings = {key: point[key] for key in ("num_refinement_steps", "refinement_exit_threshold")}
+            measured.append(decode_tokens_per_s(model, prompt, new_tokens, device, **settings))
     for point, measured in zip(curve, speeds):
         point["decode_tokens_per_s"] = statistics.median(measured)
 
@@ -338,10 +345,10 @@ def paired_change_vs_k1(runs: list[dict], results: list[dict]) -> list[float]:
 
 
 def mean_exit_curve(runs: list[dict]) -> list[dict]:
-    """The exit curve averaged over seeds, with each threshold's change against fixed K (`threshold` None)."""
+    """The exit curve averaged over seeds, with each point's change against the first (fixed trained K)."""
     curve = []
     for points in zip(*(r["exit_curve"] for r in runs)):
-        point = {"threshold": points[0]["threshold"]}
+        point = {key: points[0][key] for key in ("num_refinement_steps", "refinement_exit_threshold")}
         for key in ("held_out_loss", "passes_skipped", "decode_tokens_per_s"):
             if all(key in p for p in points):
                 point[key] = statistics.mean(p[key] for p in points)
@@ -395,14 +402,15 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_exit_table(rows: list[dict]) -> None:
-    print("\n| variant | exit threshold | held-out bits/byte | vs fixed K | passes skipped | decode b1 tokens/s |")
+    print("\n| variant | passes, exit | held-out bits/byte | vs fixed K | passes skipped | decode b1 tokens/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         for p in r.get("exit_curve", []):
-            threshold = "fixed K" if p["threshold"] is None else f"{p['threshold']:.2f}"
+            threshold = p["refinement_exit_threshold"]
+            setting = f"K = {p['num_refinement_steps']}" + ("" if threshold is None else f", exit at {threshold}")
             decode = f"{p['decode_tokens_per_s']:,.1f} ({p['decode_speedup']:.2f}x)" if "decode_speedup" in p else "-"
             print(
-                f"| {r['variant']} | {threshold} | {bits_per_byte(p['held_out_loss']):.4f} | "
+                f"| {r['variant']} | {setting} | {bits_per_byte(p['held_out_loss']):.4f} | "
                 f"{100 * p['loss_change']:+.2f} % | {100 * p['passes_skipped']:.1f} % | {decode} |"
             )
 

@@ -162,6 +162,9 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
     assert report["data"]["held_out_files"] > 0 and "| k3_recipe |" in table
     assert sorted(report["rows"][2]["bpb_by_passes"]) == [str(k) for k in range(1, 7)]
     curve = report["rows"][2]["exit_curve"]  # k3_recipe has a verifier: fixed K, then every threshold
-    assert curve[0]["threshold"] is None and curve[0]["passes_skipped"] == 0 and len(curve) > 3
+    assert curve[0]["refinement_exit_threshold"] is None and curve[0]["num_refinement_steps"] == 3
+    assert curve[0]["passes_skipped"] == 0 and len(curve) > 3
+    fewer_passes = [p for p in curve if p["num_refinement_steps"] == 2 and p["refinement_exit_threshold"] is None]
+    assert fewer_passes[0]["passes_skipped"] == pytest.approx(1 / 3)
     assert "exit_curve" in report["rows"][3]  # k3_recipe_memory: the verifier with the memory
     assert "exit_curve" not in report["rows"][0]  # k1: nothing to exit from
