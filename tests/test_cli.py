@@ -163,6 +163,6 @@ def test_info_of_a_saved_config_file_and_a_preset(tmp_path, capsys):
 
     get_preset("apex-tiny").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path / "config.json")]) == 0
-    assert "302,961" in capsys.readouterr().out
+    assert "302,577" in capsys.readouterr().out
     assert main(["info", "apex-tiny"]) == 0
-    assert "302,961" in capsys.readouterr().out
+    assert "302,577" in capsys.readouterr().out

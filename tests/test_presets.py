@@ -109,14 +109,14 @@ def test_meta_count_of_the_largest_preset_is_fast_and_allocates_nothing():
 def test_cli_info_presets_and_saved_config(capsys, tmp_path):
     assert main(["info", "apex-tiny"]) == 0
     out = capsys.readouterr().out
-    assert "302,961" in out and "train FLOPs / token at seq len 64" in out
+    assert "302,577" in out and "train FLOPs / token at seq len 64" in out
 
     assert main(["info", "myth", "--seq-len", "131072"]) == 0
     assert "seq len 131072" in capsys.readouterr().out
 
     get_preset("apex-tiny").save_pretrained(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
-    assert "302,961" in capsys.readouterr().out
+    assert "302,577" in capsys.readouterr().out
 
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
@@ -130,7 +130,7 @@ def test_cli_info_presets_and_saved_config(capsys, tmp_path):
 def test_flops_count_the_exit_loss_coda_and_lm_head_once_per_earlier_pass():
     from apex_hf.counting import _attention_dims, _tokens_held
 
-    config = get_preset("apex-tiny", tie_word_embeddings=False)
+    config = get_preset("apex-tiny", tie_word_embeddings=False, refinement_exit_loss_coef=1.0)
     without = get_preset("apex-tiny", tie_word_embeddings=False, refinement_exit_loss_coef=0.0)
     model = ApexForCausalLM(config)
     coda = [model.model.layers[config.num_physical_layers - 1 - i] for i in range(config.num_coda_layers)]
