@@ -1390,12 +1390,12 @@ class ApexModel(ApexPreTrainedModel):
         total = hidden_states.new_zeros((), dtype=torch.float32)
         if verifier_scores:
             # What each pass would predict: its exit read out through the coda when the exit loss trains (the last
-            # pass's exit is the model's output), else its logit lens.
+            # pass's exit is the model's output, its target 1 by definition), else its logit lens.
             if exit_states:
-                readouts = [*exit_states, hidden_states]
+                targets = self._closeness_to_final(exit_states, hidden_states)
+                targets.append(torch.ones(hidden_states.shape[:-1], device=hidden_states.device))
             else:
-                readouts = [self.norm(state) for state in pass_states]
-            targets = self._closeness_to_final(readouts, hidden_states)
+                targets = self._closeness_to_final([self.norm(state) for state in pass_states], hidden_states)
             # The scores are already sigmoids; autocast refuses binary_cross_entropy, so it runs in fp32 outside it.
             with torch.autocast(hidden_states.device.type, enabled=False):
                 verifier_loss = torch.stack(

@@ -56,6 +56,7 @@ EXIT_SETTINGS = (
     (TRAINED_PASSES - 1, None),
     *((TRAINED_PASSES - 1, t) for t in (0.999, 0.99)),
 )
+EXIT_SETTING_KEYS = ("num_refinement_steps", "refinement_exit_threshold")  # how a curve point calls the model
 PROGRESS_EVERY = 200  # training steps between progress lines
 
 # The recipe under test is the presets' (`apex_hf.presets.LOOP_RECIPE`). A random number of passes per step
@@ -235,7 +236,7 @@ def exit_curve(model, windows: torch.Tensor, device: torch.device, decode: bool)
     `decode`, batch-1 decode tokens/s (see `add_decode_speeds`)."""
     curve = []
     for num_passes, threshold in EXIT_SETTINGS:
-        settings = dict(num_refinement_steps=num_passes, refinement_exit_threshold=threshold)
+        settings = dict(zip(EXIT_SETTING_KEYS, (num_passes, threshold)))
         loss, passes = held_out_loss_and_passes(model, windows, device, **settings)
         curve.append({**settings, "held_out_loss": loss, "passes_skipped": 1 - passes / TRAINED_PASSES})
     if decode:
@@ -252,7 +253,7 @@ def add_decode_speeds(model, windows: torch.Tensor, device: torch.device, curve:
     speeds = [[] for _ in curve]
     for _ in range(rounds):
         for point, measured in zip(curve, speeds):
-            settings = {key: point[key] for key in ("num_refinement_steps", "refinement_exit_threshold")}
+            settings = {key: point[key] for key in EXIT_SETTING_KEYS}
             measured.append(decode_tokens_per_s(model, prompt, new_tokens, device, **settings))
     for point, measured in zip(curve, speeds):
         point["decode_tokens_per_s"] = statistics.median(measured)
@@ -311,6 +312,15 @@ def train_variant(variant: Variant, args, scale: Scale, train_stream, windows, s
     return result
 
 
+def read_runs(paths: list[Path]) -> list[dict]:
+    """The runs of earlier `--out` reports, as `train_variant` returned them."""
+    runs = [run for path in paths for run in json.loads(path.read_text())["runs"]]
+    for run in runs:  # JSON made the pass counts strings
+        if "held_out_loss_by_passes" in run:
+            run["held_out_loss_by_passes"] = {int(k): v for k, v in run["held_out_loss_by_passes"].items()}
+    return runs
+
+
 def run_name(result: dict) -> str:
     return f"{result['variant']}-seed{result['seed']}"
 
@@ -348,7 +358,7 @@ def mean_exit_curve(runs: list[dict]) -> list[dict]:
     """The exit curve averaged over seeds, with each point's change against the first (fixed trained K)."""
     curve = []
     for points in zip(*(r["exit_curve"] for r in runs)):
-        point = {key: points[0][key] for key in ("num_refinement_steps", "refinement_exit_threshold")}
+        point = {key: points[0][key] for key in EXIT_SETTING_KEYS}
         for key in ("held_out_loss", "passes_skipped", "decode_tokens_per_s"):
             if all(key in p for p in points):
                 point[key] = statistics.mean(p[key] for p in points)
@@ -476,10 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = held_out_windows(held_out_stream, scale)
     print(f"data: {json.dumps(data)}; {len(train_stream):,} train bytes, {len(held_out_stream):,} held-out bytes")
     if args.merge:
-        results = [run for path in args.merge for run in json.loads(path.read_text())["runs"]]
-        for run in results:  # JSON made the pass counts strings
-            if "held_out_loss_by_passes" in run:
-                run["held_out_loss_by_passes"] = {int(k): v for k, v in run["held_out_loss_by_passes"].items()}
+        results = read_runs(args.merge)
         if args.models is not None:
             measure_saved_decode_speeds(results, args.models, windows, torch.device(args.device))
     else:
