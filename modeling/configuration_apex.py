@@ -24,6 +24,7 @@ ROUTER_SCORING = ("softmax", "sigmoid")
 ATTENTION_OUTPUT_GATES = ("none", "headwise", "elementwise")
 MEMORY_INJECTIONS = ("none", "gated_add", "cross_attention")
 REFINEMENT_INPUT_INJECTIONS = ("none", "add", "adapter")
+REFINEMENT_STATE_NORMS = ("none", "every_pass", "before_coda")
 REFINEMENT_SAMPLINGS = ("fixed", "uniform", "poisson")
 # "dynamic" grows its frequencies past the trained length; every other type has a hard maximum position.
 ROPE_TYPES_WITHOUT_LENGTH_LIMIT = ("dynamic",)
@@ -124,6 +125,10 @@ class ApexConfig(PreTrainedConfig):
         refinement_pass_gate: every pass after the first moves the hidden state only by a learned per-channel
             fraction of its update, `h + g_k * (core(h) - h)`, `g_k` initialised to 1. Upcycling a single-pass model
             sets `g_k = 0`, which makes the extra passes identities at initialisation.
+        refinement_state_norm: where one RMSNorm bounds the loop state: `"none"`, `"every_pass"` (after every pass,
+            as Huginn's blocks normalise their residual stream) or `"before_coda"` (the loop's output, before the coda
+            and every exit read it). Without it the residual stream grows with every pass, so a model run past its
+            trained K reads states larger than any it trained on.
         refinement_dim: width of the proposal / review / refinement projections.
         refinement_verifier: build the per-token verifier (`None`, the default: exactly when there is a memory, which
             reads its score). `True` without the memory gives early exit to a loop that needs no memory.
@@ -277,6 +282,7 @@ class ApexConfig(PreTrainedConfig):
     memory_injection: str = "none"
     refinement_verifier: bool | None = None
     refinement_pass_gate: bool = False
+    refinement_state_norm: str = "none"
     refinement_dim: int | None = None
     verifier_loss_coef: float = 0.1
     consistency_loss_coef: float = 0.0
@@ -581,6 +587,12 @@ class ApexConfig(PreTrainedConfig):
             "refinement_input_injection",
             self.refinement_input_injection,
             REFINEMENT_INPUT_INJECTIONS,
+        )
+        _require(
+            self.refinement_state_norm in REFINEMENT_STATE_NORMS,
+            "refinement_state_norm",
+            self.refinement_state_norm,
+            REFINEMENT_STATE_NORMS,
         )
         _require(
             self.refinement_sampling in REFINEMENT_SAMPLINGS,

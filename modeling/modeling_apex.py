@@ -1089,6 +1089,8 @@ class ApexModel(ApexPreTrainedModel):
             self.pass_gates = nn.Parameter(torch.ones(config.max_refinement_steps - 1, config.hidden_size))
         if config.refinement_input_injection != "none" and config.max_refinement_steps > 1:
             self.input_injection = ApexInputInjection(config)
+        if config.refinement_state_norm != "none":
+            self.state_norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._training_forwards = 0  # drives the draw of passes per training forward (`refinement_sampling`)
         self.norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ApexRotaryEmbedding(config=config)
@@ -1169,6 +1171,8 @@ class ApexModel(ApexPreTrainedModel):
             )
 
         def run_coda(hidden_states: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+            if config.refinement_state_norm == "before_coda":
+                hidden_states = self.state_norm(hidden_states)
             for unrolled_index in range(config.unrolled_coda_start, config.num_hidden_layers):
                 hidden_states = run_layer(hidden_states, unrolled_index, cache)
             return self.norm(hidden_states)
@@ -1222,6 +1226,8 @@ class ApexModel(ApexPreTrainedModel):
                     hidden_states = input_injection(hidden_states, prelude_output)
                 for core_index in range(config.num_core_layers):
                     hidden_states = run_layer(hidden_states, config.unrolled_core_index(step, core_index))
+                if config.refinement_state_norm == "every_pass":
+                    hidden_states = self.state_norm(hidden_states)
                 if step > 0 and hasattr(self, "pass_gates"):
                     hidden_states = pass_input + self.pass_gates[step - 1] * (hidden_states - pass_input)
                 if exits is not None:

@@ -13,6 +13,9 @@ Variants (the rows of the table; `--variants` picks some):
     k3_recipe_memory   the recipe plus the spiral memory
     k3_no_exit_loss    the recipe without the exit loss (an ablation)
     k3_sampled         the recipe with 2..4 passes drawn per training step (an ablation)
+    k3_state_norm      the recipe with the loop state normalised after every pass
+    k3_sampled_deeper  the recipe with 3..6 passes drawn per training step, backpropagating through the last 3
+    k3_coda_norm       the recipe with the loop's output normalised before the coda and the exits
     unique_depth       K = 1 with 3 x C unique core layers: the unrolled depth of K = 3, with ~2 x the parameters
     k1_equal_flops     K = 1 trained for as many steps as its FLOPs take to match K = 3's
 
@@ -66,6 +69,14 @@ SAMPLED = dict(
     refinement_sampling="uniform",
     refinement_sampling_min=TRAINED_PASSES - 1,
     refinement_sampling_max=TRAINED_PASSES + 1,
+)
+# At least the trained K, up to the 2 x K the evaluation runs, gradients through the last K passes only (Huginn trains
+# this way, with a heavier tail): the extra passes are seen in training at the cost of their forward alone.
+SAMPLED_DEEPER = dict(
+    refinement_sampling="uniform",
+    refinement_sampling_min=TRAINED_PASSES,
+    refinement_sampling_max=2 * TRAINED_PASSES,
+    refinement_backprop_steps=TRAINED_PASSES,
 )
 
 
@@ -131,6 +142,13 @@ VARIANTS = {
         Variant("k3_recipe_memory", dict(LOOPED, **LOOP_RECIPE, memory_injection="gated_add"), evaluate_passes=True),
         Variant("k3_no_exit_loss", {**LOOPED, **LOOP_RECIPE, "refinement_exit_loss_coef": 0.0}, evaluate_passes=True),
         Variant("k3_sampled", dict(LOOPED, **LOOP_RECIPE, **SAMPLED), evaluate_passes=True),
+        Variant(
+            "k3_state_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="every_pass"), evaluate_passes=True
+        ),
+        Variant("k3_sampled_deeper", dict(LOOPED, **LOOP_RECIPE, **SAMPLED_DEEPER), evaluate_passes=True),
+        Variant(
+            "k3_coda_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="before_coda"), evaluate_passes=True
+        ),
         Variant("unique_depth", core_multiplier=TRAINED_PASSES),
         # Layers run per token, K = 3 with the recipe (P + 3C + D, and D again for each of the 2 earlier exits)
         # against K = 1 (P + C + D): the step multiplier that equals the recipe's training FLOPs.
@@ -245,11 +263,11 @@ def exit_curve(model, windows: torch.Tensor, device: torch.device, decode: bool)
 
 
 def add_decode_speeds(model, windows: torch.Tensor, device: torch.device, curve: list[dict], rounds: int = 2) -> None:
-    """Batch-1 decode tokens/s of every point of an exit curve: a quarter window of held-out prompt, up to 64 bytes
+    """Batch-1 decode tokens/s of every point of an exit curve: a quarter window of held-out prompt, up to 32 bytes
     generated (eager batch-1 decoding is slow). Measured in rounds over all points, keeping each one's median, so
     a change in the machine's load hits every point alike."""
     quarter = windows.shape[1] // 4
-    prompt, new_tokens = windows[:1, :quarter], min(quarter, 64)
+    prompt, new_tokens = windows[:1, :quarter], min(quarter, 32)
     speeds = [[] for _ in curve]
     for _ in range(rounds):
         for point, measured in zip(curve, speeds):

@@ -131,6 +131,7 @@ def test_exit_loss_only_in_training_forwards_with_labels():
         (dict(refinement_sampling_max=5), "refinement_sampling_min/max"),
         (dict(refinement_backprop_steps=0), "refinement_backprop_steps"),
         (dict(refinement_input_injection="concat"), "refinement_input_injection"),
+        (dict(refinement_state_norm=True), "refinement_state_norm"),
     ],
 )
 def test_recipe_fields_are_checked(overrides, field):

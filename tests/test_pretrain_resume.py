@@ -40,10 +40,20 @@ def _command(output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def _env() -> dict[str, str]:
+    """Every run compared here uses one thread: the thread count changes float summation order, so a resumed run on
+    two threads drifts from a one-thread reference by ~1e-5 within a hundred steps."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _start(output_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        _command(output_dir, *extra), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _command(output_dir, *extra),
+        cwd=REPO_ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -66,7 +76,7 @@ def _checkpoints(output_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[int, float]:
-    """The reference run, in a subprocess like the others: the thread count changes float summation order."""
+    """The reference run, in a subprocess like the others (`_env`)."""
     output_dir = tmp_path_factory.mktemp("uninterrupted") / "out"
     run = _start(output_dir)
     _, stderr = run.communicate(timeout=300)
@@ -87,7 +97,9 @@ def test_sigkill_resume_matches_an_uninterrupted_run_and_skips_a_truncated_check
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that lost the end of a file
     (output_dir / f".checkpoint-{newest + 10}.partial").mkdir()  # a save the kill interrupted
 
-    resumed = subprocess.run(_command(output_dir, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True)
+    resumed = subprocess.run(
+        _command(output_dir, "--resume"), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert f"skipping {output_dir}/checkpoint-{newest}: model.safetensors has" in output

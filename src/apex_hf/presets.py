@@ -51,10 +51,8 @@ _BENCH_MOE = dict(  # the GPU benchmark anchor: a Qwen3-30B-A3B-like layer (hidd
 # The loop training recipe of every preset with K > 1, as measured by scripts/measure_loop.py (README, "Training the
 # loop"): RMSNorm on every attention and MLP output and the prelude output re-injected into every pass keep the shared
 # core stable and anchored; the exit loss trains every pass to be an exit; the verifier drives early exit. The spiral
-# memory did not pay for itself there (held-out loss +0.3 % against the recipe without it), so it is off. apex-tiny
-# keeps the memory and leaves the recipe to tests/test_loop_recipe.py: a pre-training run resumed from a checkpoint
-# drifts from the uninterrupted one by ~1e-5 in loss with the recipe's fields on (tests/test_pretrain_resume.py),
-# which is not understood yet.
+# memory did not pay for itself there (held-out loss +0.3 % against the recipe without it), so it is off. apex-tiny,
+# which tests every feature, runs the recipe with the memory on.
 LOOP_RECIPE = dict(
     sandwich_norms=True,
     refinement_input_injection="add",
@@ -82,6 +80,7 @@ PRESETS: dict[str, dict] = {
         num_coda_layers=1,
         num_refinement_steps=2,
         memory_injection="gated_add",
+        **LOOP_RECIPE,
     ),
     # CPU demo: ~6M params, trains a few hundred steps at seq 128 on 2 cores in minutes; dense prelude, MoE core/coda.
     "apex-small": dict(
