@@ -342,8 +342,21 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text('{"model_type": "apex", "num_experts": 2, "num_experts_per_tok": 4}')
     (tmp_path / "freq.json").write_text('{"model_type": "apex", "num_experts": 2, "moe_layer_freq": 0}')
     (tmp_path / "rope.json").write_text('{"model_type": "apex", "rope_parameters": {"rope_theta": -1.0}}')
+    for name, stages in PIPELINES.items():
+        (tmp_path / f"{name}.yaml").write_text(f"output_dir: out\nstages: {stages}\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# Pipeline files with one mistake each: name -> their `stages`
+PIPELINES = {
+    "stages-not-a-list": "3",
+    "stage-misspelt": "[{stage: sftt, config: sft.yaml}]",
+    "stage-field-misspelt": "[{stage: sft, config: sft.yaml, overides: {max_steps: 2}}]",
+    "stage-overrides-not-a-mapping": "[{stage: sft, config: sft.yaml, overrides: 5}]",
+    "stage-override-out-of-range": "[{stage: sft, config: sft.yaml, overrides: {max_steps: -3}}]",
+    "stage-file-missing": "[{stage: sft, config: gone.yaml}]",
+}
 
 
 def files_under(folder: Path) -> set[Path]:
@@ -428,6 +441,12 @@ CLI_CASES = [
     (["grpo", "--config", "grpo.yaml", "--reward_funcs", "[acuracy]"], ["acuracy"]),
     (["grpo", "--config", "grpo.yaml", "--temperature", "-1"], ["temperature=-1"]),
     (["pipeline", "missing-pipeline.yaml"], ["missing-pipeline.yaml not found"]),
+    (["pipeline", "stages-not-a-list.yaml"], ["stages-not-a-list.yaml", "stages must be a list", "3"]),
+    (["pipeline", "stage-misspelt.yaml"], ["stages[0]", "unknown stage 'sftt'", "did you mean 'sft'"]),
+    (["pipeline", "stage-field-misspelt.yaml"], ["stages[0]", "'overides'", "did you mean 'overrides'"]),
+    (["pipeline", "stage-overrides-not-a-mapping.yaml"], ["stages[0]", "overrides must be a mapping", "5"]),
+    (["pipeline", "stage-override-out-of-range.yaml"], ["sft.yaml", "max_steps=-3"]),
+    (["pipeline", "stage-file-missing.yaml"], ["gone.yaml not found"]),
     (["upcycle", "nowhere", "out", "--experts", "-1"], ["--experts", "-1 is invalid"]),
     (["upcycle", "nowhere", "out", "--refinement-steps", "0"], ["--refinement-steps", "0 is invalid"]),
     (["upcycle", "nowhere", "out", "--prelude-layers", "-1"], ["--prelude-layers", "-1 is invalid"]),

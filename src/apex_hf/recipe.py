@@ -3,10 +3,11 @@ post-training one (`apex_hf.posttrain.config`).
 
 A recipe is one YAML mapping (`read_yaml`), changed by `--key value` / `--section.key value` on the command line
 (`apply_overrides`; both: `read_recipe`) and built into dataclasses that check their values, an unknown field named
-with the closest known one (`build_dataclass`). Two sections mean the same in every recipe: `model`
-(`ModelArguments`: where the model comes from and how its weights load) and `data` (`DataArguments`: TRL's dataset
-mixture plus held-out datasets, every local file checked to exist by `check_data_files` before anything is loaded).
-Relative paths are relative to the working directory, as in TRL and alignment-handbook.
+with the closest known one, a value of the wrong kind (a string where a number belongs) or out of its range named with
+its field (`build_dataclass`). A YAML syntax error names the file and line. Two sections mean the same in every recipe:
+`model` (`ModelArguments`: where the model comes from and how its weights load) and `data` (`DataArguments`: TRL's
+dataset mixture plus held-out datasets, every local file checked to exist and to hold something by `check_data_files`
+before anything is loaded). Relative paths are relative to the working directory, as in TRL and alignment-handbook.
 """
 
 from __future__ import annotations

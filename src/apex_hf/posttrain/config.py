@@ -17,9 +17,10 @@ reward_funcs: [accuracy, format]   # GRPO only: registry names or dotted paths (
 learning_rate: 1.0e-4              # ...and any other field of the stage's TRL config
 ```
 
-Everything is checked when the file is read, before a model is loaded: an unknown field (with a suggestion), a
-missing local data file, an unknown reward function, and the TRL config's own checks (e.g. `num_generations` must
-divide the generation batch). `--key value` and `--section.key value` on the command line override the file.
+Everything is checked when the file is read, before a model is loaded: an unknown field (with a suggestion), a value of
+the wrong kind or out of range (`TRAINING_RANGES`), a missing or empty local data file, an unknown reward function, and
+the TRL config's own checks (e.g. `num_generations` must divide the generation batch). `--key value` and `--section.key
+value` on the command line override the file.
 """
 
 from __future__ import annotations
