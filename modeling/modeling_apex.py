@@ -1550,6 +1550,8 @@ def check_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, inputs_em
     if input_ids is not None:
         check_token_tensor("input_ids", input_ids)  # first: 1-D ids would make 1-D labels look like the mistake
     inputs = input_ids if input_ids is not None else inputs_embeds
+    if inputs is None:
+        return  # the model refuses the call itself: it needs input_ids or inputs_embeds
     check_token_tensor("labels", labels)
     if labels.shape != inputs.shape[:2]:
         raise ValueError(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from tiny_configs import GQA_ALL_FEATURES, MLA_SIZES, tiny_config
 
@@ -490,3 +491,29 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 def assert_names(message: str, fragments: list[str]) -> None:
     missing = [fragment for fragment in fragments if fragment not in message]
     assert not missing, f"{missing} not in: {message}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the checks must still let through
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo", "grpo"])
+def test_the_repositorys_recipes_still_pass(workdir, stage):
+    overrides = ["--output_dir", "out"]
+    if stage == "pretrain":
+        max_steps = load_pretrain_config("pretrain.yaml", overrides).max_steps
+    else:
+        max_steps = load_recipe(f"{stage}.yaml", stage, overrides).args.max_steps
+    assert max_steps == yaml.safe_load((TINY_RECIPES / f"{stage}.yaml").read_text())["max_steps"]
+
+
+def test_number_like_strings_in_model_overrides_are_numbers(workdir):
+    """YAML 1.1 reads `1e4` as a string; in the free-form model.overrides it means the number, as in typed fields."""
+    overrides = [
+        "--output_dir",
+        "out",
+        "--model.overrides",
+        "{rms_norm_eps: 1e-5, rope_parameters: {rope_theta: 1e4}}",
+    ]
+    config = load_pretrain_config("pretrain.yaml", overrides).model_config()
+    assert config.rms_norm_eps == 1e-5 and config.rope_parameters["rope_theta"] == 1e4

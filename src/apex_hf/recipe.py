@@ -156,6 +156,15 @@ def _number(text: str):
     return text
 
 
+def numbers_in(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (and the mappings in it) with YAML 1.1's number-like strings as numbers: free-form mappings such as
+    `model.overrides` have no field types to convert by, and `rope_theta: 1e6` should mean the number."""
+    return {
+        key: numbers_in(value) if isinstance(value, dict) else _number(value) if isinstance(value, str) else value
+        for key, value in values.items()
+    }
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `--key value` / `--section.key value` / bare `--flag` (true) pairs; values are parsed as YAML."""
     raw = dict(raw)

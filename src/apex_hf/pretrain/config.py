@@ -35,6 +35,7 @@ from ..recipe import (
     check_data_files,
     check_names,
     model_from_folder,
+    numbers_in,
     read_recipe,
 )
 from .checkpoint import has_checkpoints
@@ -76,6 +77,7 @@ class PretrainModelArguments(ModelArguments):
         )
         if not isinstance(self.overrides, dict):
             raise ValueError(f"model.overrides must be a mapping of ApexConfig fields, got {self.overrides!r}")
+        self.overrides = numbers_in(self.overrides)
         clashing = sorted(set(self.overrides) & set(TOKENIZER_FIELDS))
         if clashing:
             raise ValueError(f"model.overrides: {clashing} come from the tokenizer and cannot be overridden")
