@@ -387,6 +387,9 @@ CLI_CASES = [
     (["info", "apex-tiny", "--seq-len", "long"], ["--seq-len", "'long' is not an integer"]),
     (["info", "apex-tiny", "--dtype-bytes", "0"], ["--dtype-bytes", "0 is invalid"]),
     (["info", "apex-tiny", "--bogus"], ["unrecognized arguments: --bogus"]),
+    ([], ["the following arguments are required: command"]),
+    (["sft"], ["the following arguments are required: --config"]),
+    (["trian"], ["invalid choice: 'trian'"]),
     (["info", "apex-tni"], ["unknown preset 'apex-tni'"]),
     (["info", "nowhere/config.json"], ["no such file or folder: nowhere/config.json"]),
     (["info", "config.json"], ["num_experts_per_tok=4", "num_experts=2"]),
@@ -455,7 +458,7 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv,fragments", CLI_CASES, ids=[" ".join(argv) for argv, _ in CLI_CASES])
+@pytest.mark.parametrize("argv,fragments", CLI_CASES, ids=[" ".join(argv) or "(nothing)" for argv, _ in CLI_CASES])
 def test_cli_mistake_is_one_line_with_status_2_and_writes_nothing(workdir, capsys, argv, fragments):
     before = files_under(workdir)
     with pytest.raises(SystemExit) as exit_info:
@@ -464,7 +467,7 @@ def test_cli_mistake_is_one_line_with_status_2_and_writes_nothing(workdir, capsy
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"apex-hf {argv[0]}: error: ") or err.startswith("apex-hf: error: "), err
+    assert err.startswith((f"apex-hf {argv[0] if argv else ''}: error: ", "apex-hf: error: ")), err
     assert_names(err, fragments)
     assert files_under(workdir) == before
 
