@@ -130,8 +130,8 @@ def check_value(name: str, value: Any, kind: str | None, allowed: Range | None =
 
 
 def _kind(annotation) -> str | None:
-    """ "int", "float" or "bool" for a field that holds only that kind (or None); None for anything else (a string,
-    a list, a mapping, a union with one of them)."""
+    """The kind of a field that holds only ints, floats (ints welcome) or bools, or None as well; None for anything
+    else (a string, a list, a mapping, a union with one of them), which is left to the class."""
     text = annotation if isinstance(annotation, str) else str(annotation)
     names = set(re.findall(r"[A-Za-z_]+", text)) - {"class", "typing", "Optional", "Union", "None", "NoneType"}
     if names in ({"int"}, {"float"}, {"bool"}):
