@@ -304,6 +304,13 @@ RECIPE_CASES = [
     ("pretrain", ["--data.datasets", "[{path: text, data_files: nowhere.txt}]"], FileNotFoundError, ["nowhere.txt"]),
     ("pretrain", ["--data.datasets", "[{path: text, data_files: x.txt, weight: heavy}]"], ValueError, ["weight"]),
     ("pretrain", ["--seq_len", "[1"], ValueError, ["--seq_len", "not a YAML value"]),
+    ("pretrain", ["--data.datasets", "[{path: text, data_files: 5}]"], ValueError, ["[data]", "data_files=5"]),
+    (
+        "sft",
+        ["--data.datasets", "[{path: json, data_files: [a.jsonl, 7]}]"],
+        ValueError,
+        ["data_files=['a.jsonl', 7]"],
+    ),
     ("sft", ["--max_steps", "-3"], ValueError, ["sft.yaml", "max_steps=-3", "-1 (train for num_train_epochs)"]),
     ("sft", ["--max_steps", "0"], ValueError, ["max_steps=0"]),
     ("sft", ["--learning_rate", "fast"], ValueError, ["sft.yaml", "learning_rate='fast'", "a number"]),

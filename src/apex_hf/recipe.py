@@ -237,6 +237,11 @@ def check_data_files(data: DataArguments, where: str) -> None:
             files = [files]
         elif isinstance(files, dict):
             files = [f for group in files.values() for f in ([group] if isinstance(group, str) else group)]
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ValueError(
+                f"{where}: data_files={dataset.data_files!r} is invalid: must be a path, a list of paths or a "
+                f"mapping of split names to paths"
+            )
         for pattern in files:
             if "://" in pattern or pattern.startswith("hf://"):
                 continue
