@@ -462,6 +462,9 @@ CLI_CASES = [
     (["upcycle", "nowhere", "out", "--refinement-steps", "0"], ["--refinement-steps", "0 is invalid"]),
     (["upcycle", "nowhere", "out", "--prelude-layers", "-1"], ["--prelude-layers", "-1 is invalid"]),
     (["convert", "nowhere", "out"], ["nowhere"]),
+    (["preprocess", "x.txt", "--output", "pp", "--workers", "0"], ["workers=0", ">= 1"]),
+    (["preprocess", "x.txt", "--output", "pp", "--filters", "c5"], ["filters: unknown", "c5"]),
+    (["preprocess", "nowhere.txt", "--output", "pp"], ["nowhere.txt does not exist"]),
 ]
 
 
