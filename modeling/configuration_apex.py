@@ -871,4 +871,4 @@ class ApexConfig(PreTrainedConfig):
         return math.ceil(self.expert_capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts)
 
 
-__all__ = ["ApexConfig", "sliding_full_pattern", "unrolled_physical_layers"]
+__all__ = ["ApexConfig", "ApexConfigError", "sliding_full_pattern", "unrolled_physical_layers"]

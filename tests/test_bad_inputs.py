@@ -13,9 +13,8 @@ import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from tiny_configs import GQA_ALL_FEATURES, MLA_SIZES, tiny_config
 
-from apex_hf import ApexForCausalLM
+from apex_hf import ApexConfigError, ApexForCausalLM
 from apex_hf.cli import BadInput, main
-from apex_hf.modeling.configuration_apex import ApexConfigError
 from apex_hf.posttrain.config import load_recipe
 from apex_hf.pretrain.config import load_pretrain_config
 
