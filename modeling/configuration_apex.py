@@ -10,14 +10,23 @@ This file is copied verbatim to the Hub next to the weights: it imports only tor
 """
 
 import copy
+import difflib
+import functools
 import math
+from collections.abc import Callable
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import (
+    StrictDataclassClassValidationError,
+    StrictDataclassError,
+    StrictDataclassFieldValidationError,
+)
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 
 ATTENTION_TYPES = ("gqa", "mla")
+HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")  # the gate activations of SwiGLU / GeGLU
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_LAYER_TYPES = ("dense", "sparse")
 ROUTER_SCORING = ("softmax", "sigmoid")
@@ -30,11 +39,173 @@ REFINEMENT_SAMPLINGS = ("fixed", "uniform", "poisson")
 ROPE_TYPES_WITHOUT_LENGTH_LIMIT = ("dynamic",)
 
 
+class ApexConfigError(ValueError, StrictDataclassClassValidationError, StrictDataclassFieldValidationError):
+    """A nonsense configuration value, named with the allowed range. One class for every config error, raised by
+    construction, `validate()` (which `save_pretrained` runs) and assignment alike: a `ValueError`, as documented and
+    as the CLI catches, and still the error classes of huggingface_hub's strict dataclasses, for callers that catch
+    those. Its message is the validator's own, without huggingface_hub's "Class validation error for ..." header."""
+
+
+# The allowed range of every numeric field: (text for the message, test). `None` is allowed exactly where the field's
+# type allows it (the strict dataclass checks types first). Relations between fields (max_refinement_steps >= K,
+# num_experts_per_tok <= num_experts, ...) are checked by the `validate_apex_*` methods.
+_AT_LEAST_0 = (">= 0", lambda v: v >= 0)
+_AT_LEAST_1 = (">= 1", lambda v: v >= 1)
+_POSITIVE = ("> 0", lambda v: v > 0)
+_LOSS_COEF = (">= 0 (a loss coefficient)", lambda v: v >= 0)
+_FRACTION = ("in (0, 1]", lambda v: 0 < v <= 1)
+_FINITE = ("a finite number", lambda v: True)
+FIELD_RANGES: dict[str, tuple[str, Callable]] = {
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "sliding_window",
+            "full_attention_interval",
+            "moe_layer_freq",
+            "moe_intermediate_size",
+            "n_group",
+            "topk_group",
+            "num_core_layers",
+            "num_refinement_steps",
+            "max_refinement_steps",
+            "num_hidden_layers",
+            "refinement_dim",
+            "refinement_sampling_min",
+            "refinement_sampling_max",
+            "refinement_backprop_steps",
+        ),
+        _AT_LEAST_1,
+    ),
+    **dict.fromkeys(
+        (
+            "first_k_dense_replace",
+            "num_experts",
+            "num_shared_experts",
+            "num_prelude_layers",
+            "num_coda_layers",
+            "num_mtp_layers",
+            "initializer_range",
+            "router_bias_update_rate",
+            "refinement_exit_threshold",
+        ),
+        _AT_LEAST_0,
+    ),
+    **dict.fromkeys(
+        (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "verifier_loss_coef",
+            "consistency_loss_coef",
+            "refinement_exit_loss_coef",
+            "mtp_loss_coef",
+        ),
+        _LOSS_COEF,
+    ),
+    **dict.fromkeys(
+        (
+            "rms_norm_eps",
+            "embedding_multiplier",
+            "query_pre_attn_scalar",
+            "routed_scaling_factor",
+            "swiglu_limit",
+            "swiglu_alpha",
+            "expert_capacity_factor",
+        ),
+        _POSITIVE,
+    ),
+    "num_experts_per_tok": _AT_LEAST_1,
+    "partial_rotary_factor": _FRACTION,
+    "attention_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+# The numeric RoPE parameters transformers' rotary functions read, with their ranges. A factor below 1 compresses
+# positions (odd, but defined); 0 or below divides by zero or flips the rotation.
+ROPE_RANGES: dict[str, tuple[str, Callable]] = {
+    "rope_theta": _POSITIVE,
+    "factor": _POSITIVE,
+    "original_max_position_embeddings": _AT_LEAST_1,
+    "attention_factor": _POSITIVE,
+    "beta_fast": _POSITIVE,
+    "beta_slow": _POSITIVE,
+    "low_freq_factor": _POSITIVE,
+    "high_freq_factor": _POSITIVE,
+    "partial_rotary_factor": _FRACTION,
+    "mscale": _FINITE,
+    "mscale_all_dim": _FINITE,
+}
+ROPE_LIST_KEYS = ("short_factor", "long_factor")  # longrope: one positive factor per rotary frequency
+# Every key some rope_type reads: an unknown key close to one of these is a misspelling (`rope_thta` would otherwise
+# be ignored and the default used); other unknown keys are left to transformers, which warns.
+ROPE_KEYS = ("rope_type", "type", "truncate", *ROPE_RANGES, *ROPE_LIST_KEYS)
+
+
+def _require(ok: bool, field: str, value, allowed) -> None:
+    if not ok:
+        raise ApexConfigError(f"{field}={value!r} is invalid: must be {_allowed_text(value, allowed)}")
+
+
+def _allowed_text(value, allowed) -> str:
+    """The allowed values; for a choice, the closest one too, as a misspelt name (`gated-add`) usually is."""
+    if not isinstance(allowed, tuple):
+        return allowed
+    close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
+    return f"one of {allowed}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_range(field: str, value, allowed: tuple[str, Callable]) -> None:
+    text, test = allowed
+    if not _is_number(value):
+        raise ApexConfigError(f"{field}={value!r} is invalid: must be a number {text}")
+    _require(math.isfinite(value) and test(value), field, value, text)
+
+
+def _raising_config_errors(method: Callable) -> Callable:
+    """`method` with huggingface_hub's strict-dataclass errors turned into `ApexConfigError` carrying the validator's
+    own message (which names the field), so every config error is one class and reads as one line."""
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except ApexConfigError:
+            raise
+        except StrictDataclassError as error:
+            cause = error.__cause__
+            if isinstance(cause, ApexConfigError):
+                raise cause from None
+            message = str(cause) if cause is not None else str(error)
+            raise ApexConfigError(f"{type(self).__name__}: {message}") from error
+
+    return checked
+
+
+def _one_error_class(cls):
+    """Route construction, `validate()` and assignment through `_raising_config_errors` (applied over `@strict`)."""
+    for name in ("__init__", "validate", "__setattr__"):
+        setattr(cls, name, _raising_config_errors(getattr(cls, name)))
+    return cls
+
+
 def sliding_full_pattern(num_layers: int, full_attention_interval: int) -> list[str]:
     """`layer_types` for `num_layers` physical layers where every `full_attention_interval`-th layer (1-based) is
     global and the rest slide, e.g. interval 4 gives `sliding, sliding, sliding, full, sliding, ...`."""
     if full_attention_interval < 1:
-        raise ValueError(f"full_attention_interval must be >= 1, got {full_attention_interval}")
+        raise ApexConfigError(f"full_attention_interval must be >= 1, got {full_attention_interval}")
     return [
         "full_attention" if (i + 1) % full_attention_interval == 0 else "sliding_attention" for i in range(num_layers)
     ]
@@ -52,10 +223,12 @@ def unrolled_physical_layers(
     ]
 
 
+@_one_error_class
 @strict
 class ApexConfig(PreTrainedConfig):
     r"""
-    Configuration of an Apex model. Every knob has a default; nonsense values raise a `ValueError` naming the field.
+    Configuration of an Apex model. Every knob has a default; nonsense values raise `ApexConfigError` (a `ValueError`)
+    naming the field, the value and the allowed range (`FIELD_RANGES`, `ROPE_RANGES`).
 
     Trunk:
         vocab_size, hidden_size, num_attention_heads, num_key_value_heads, head_dim (GQA head size; for MLA it is
@@ -299,6 +472,8 @@ class ApexConfig(PreTrainedConfig):
     mtp_loss_coef: float = 0.3
 
     def __post_init__(self, **kwargs):
+        # Ranges first: the layout below divides by moe_layer_freq and multiplies the layer counts.
+        self.validate_apex_ranges()
         if self.rope_parameters is not None:  # standardisation fills it in place; leave the caller's dict alone
             self.rope_parameters = copy.deepcopy(dict(self.rope_parameters))
         if self.num_key_value_heads is None:
@@ -312,7 +487,7 @@ class ApexConfig(PreTrainedConfig):
             self.head_dim = self.qk_rope_head_dim
         elif self.head_dim is None:
             if self.num_attention_heads < 1 or self.hidden_size % self.num_attention_heads:
-                raise ValueError(
+                raise ApexConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; fix one of them or set head_dim explicitly"
                 )
@@ -322,7 +497,7 @@ class ApexConfig(PreTrainedConfig):
 
         unrolled = self.num_prelude_layers + self.max_refinement_steps * self.num_core_layers + self.num_coda_layers
         if self.num_hidden_layers is not None and self.num_hidden_layers != unrolled:
-            raise ValueError(
+            raise ApexConfigError(
                 f"num_hidden_layers={self.num_hidden_layers} contradicts the refinement loop: it must equal "
                 f"num_prelude_layers + max_refinement_steps * num_core_layers + num_coda_layers = "
                 f"{self.num_prelude_layers} + {self.max_refinement_steps} * {self.num_core_layers} + "
@@ -428,6 +603,34 @@ class ApexConfig(PreTrainedConfig):
     # ----------------------------------------------------------------------------------------------------------------
     # Validation: `@strict` runs every `validate_*` method at init and in `save_pretrained`.
 
+    def validate_apex_ranges(self):
+        for field, allowed in FIELD_RANGES.items():
+            value = getattr(self, field)
+            if value is not None:
+                _check_range(field, value, allowed)
+
+    def validate_apex_rope(self):
+        """Every RoPE parameter's range (transformers only warns), and a misspelt key named with the right one."""
+        rope_parameters = self.rope_parameters or {}
+        per_type = {
+            f"rope_parameters[{t!r}]": rope_parameters[t] for t in rope_parameters if t in ATTENTION_LAYER_TYPES
+        }
+        for where, parameters in (per_type or {"rope_parameters": rope_parameters}).items():
+            if parameters is None:
+                continue
+            for key, value in parameters.items():
+                if key in ROPE_RANGES and value is not None:
+                    _check_range(f"{where}.{key}", value, ROPE_RANGES[key])
+                elif key in ROPE_LIST_KEYS and value is not None:
+                    _require(
+                        isinstance(value, list) and all(_is_number(v) and v > 0 for v in value),
+                        f"{where}.{key}",
+                        value,
+                        "a list of numbers > 0",
+                    )
+                elif key not in ROPE_KEYS and (close := difflib.get_close_matches(key, ROPE_KEYS, n=1)):
+                    raise ApexConfigError(f"{where} has an unknown key {key!r} (did you mean {close[0]!r}?)")
+
     def validate_apex_trunk(self):
         for field in (
             "vocab_size",
@@ -443,25 +646,21 @@ class ApexConfig(PreTrainedConfig):
         _require(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "in [0, 1)")
         _require(0 < self.partial_rotary_factor <= 1, "partial_rotary_factor", self.partial_rotary_factor, "in (0, 1]")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ApexConfigError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads="
                 f"{self.num_attention_heads} (grouped-query attention shares each KV head by a whole group)"
             )
         for layer_type in sorted(set(self.layer_types)):
             if self.rope_per_layer_type and not isinstance(self.rope_parameters.get(layer_type), dict):
-                raise ValueError(
+                raise ApexConfigError(
                     f"rope_parameters is given per layer type ({sorted(self.rope_parameters)}) but has no dict for "
                     f"{layer_type!r}, which layer_types uses"
                 )
             rope_type = self.rope_parameters_of(layer_type).get("rope_type", "default")
-            if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
-                raise ValueError(
-                    f"rope_parameters.rope_type={rope_type!r} is unknown; allowed: "
-                    f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
-                )
+            rope_types = ("default", *sorted(ROPE_INIT_FUNCTIONS))
+            _require(rope_type in rope_types, "rope_parameters.rope_type", rope_type, rope_types)
         _require(self.embedding_multiplier > 0, "embedding_multiplier", self.embedding_multiplier, "> 0")
-        if self.hidden_act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"):
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not a supported SwiGLU/GeGLU activation")
+        _require(self.hidden_act in HIDDEN_ACTS, "hidden_act", self.hidden_act, HIDDEN_ACTS)
 
     def validate_apex_attention(self):
         _require(self.attention_type in ATTENTION_TYPES, "attention_type", self.attention_type, ATTENTION_TYPES)
@@ -475,7 +674,7 @@ class ApexConfig(PreTrainedConfig):
             _require(self.head_dim is not None and self.head_dim >= 1, "head_dim", self.head_dim, ">= 1")
             rotary = int(self.head_dim * self.partial_rotary_factor)
             if rotary < 2 or rotary % 2:
-                raise ValueError(
+                raise ApexConfigError(
                     f"partial_rotary_factor={self.partial_rotary_factor} gives a rotary size of {rotary} for "
                     f"head_dim={self.head_dim}; it must be an even number >= 2"
                 )
@@ -483,16 +682,16 @@ class ApexConfig(PreTrainedConfig):
             for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 value = getattr(self, field)
                 if value is None or value < 1:
-                    raise ValueError(f"attention_type='mla' needs {field} >= 1, got {value}")
+                    raise ApexConfigError(f"attention_type='mla' needs {field} >= 1, got {value}")
             if self.q_lora_rank is not None:
                 _require(self.q_lora_rank >= 1, "q_lora_rank", self.q_lora_rank, ">= 1 or None")
             if self.qk_rope_head_dim % 2:
-                raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+                raise ApexConfigError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
             for field in ("qk_norm", "query_pre_attn_scalar", "attention_sinks"):
                 if getattr(self, field):
-                    raise ValueError(f"{field} is only defined for attention_type='gqa'")
+                    raise ApexConfigError(f"{field} is only defined for attention_type='gqa'")
             if self.partial_rotary_factor != 1.0:
-                raise ValueError(
+                raise ApexConfigError(
                     "partial_rotary_factor does not apply to MLA; size the rope part with qk_rope_head_dim"
                 )
         if self.query_pre_attn_scalar is not None:
@@ -503,15 +702,15 @@ class ApexConfig(PreTrainedConfig):
             _require(self.sliding_window >= 1, "sliding_window", self.sliding_window, ">= 1 or None")
         bad = [t for t in self.layer_types if t not in ATTENTION_LAYER_TYPES]
         if bad:
-            raise ValueError(f"layer_types entries must be in {ATTENTION_LAYER_TYPES}, got {sorted(set(bad))}")
+            raise ApexConfigError(f"layer_types entries must be in {ATTENTION_LAYER_TYPES}, got {sorted(set(bad))}")
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
-            raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
+            raise ApexConfigError("layer_types has 'sliding_attention' layers but sliding_window is None")
         self._validate_unrolled_list("layer_types")
 
     def validate_apex_moe(self):
         bad = [t for t in self.mlp_layer_types if t not in MLP_LAYER_TYPES]
         if bad:
-            raise ValueError(f"mlp_layer_types entries must be in {MLP_LAYER_TYPES}, got {sorted(set(bad))}")
+            raise ApexConfigError(f"mlp_layer_types entries must be in {MLP_LAYER_TYPES}, got {sorted(set(bad))}")
         self._validate_unrolled_list("mlp_layer_types")
         _require(self.num_experts >= 0, "num_experts", self.num_experts, ">= 0")
         _require(self.first_k_dense_replace >= 0, "first_k_dense_replace", self.first_k_dense_replace, ">= 0")
@@ -550,7 +749,7 @@ class ApexConfig(PreTrainedConfig):
         )
         eligible = self.topk_group * self.num_experts // self.n_group
         if self.num_experts_per_tok > eligible:
-            raise ValueError(
+            raise ApexConfigError(
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {eligible} experts that group-limited "
                 f"routing leaves eligible (topk_group={self.topk_group} of n_group={self.n_group} groups)"
             )
@@ -631,14 +830,14 @@ class ApexConfig(PreTrainedConfig):
     def _validate_unrolled_list(self, field: str):
         values = getattr(self, field)
         if len(values) != self.num_hidden_layers:
-            raise ValueError(
+            raise ApexConfigError(
                 f"{field} has {len(values)} entries but the model has {self.num_hidden_layers} unrolled layers "
                 f"(num_prelude_layers + max_refinement_steps * num_core_layers + num_coda_layers)"
             )
         for unrolled, value in enumerate(values):
             first = values[self.first_unrolled_index(self.physical_layer_index(unrolled))]
             if value != first:
-                raise ValueError(
+                raise ApexConfigError(
                     f"{field}[{unrolled}]={value!r} differs from the same core layer's first pass ({first!r}); a "
                     f"shared core layer has one type in every refinement pass"
                 )
@@ -684,10 +883,4 @@ class ApexConfig(PreTrainedConfig):
         return math.ceil(self.expert_capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts)
 
 
-def _require(ok: bool, field: str, value, allowed) -> None:
-    if not ok:
-        allowed = f"one of {allowed}" if isinstance(allowed, tuple) else allowed
-        raise ValueError(f"{field}={value!r} is invalid: must be {allowed}")
-
-
-__all__ = ["ApexConfig", "sliding_full_pattern", "unrolled_physical_layers"]
+__all__ = ["ApexConfig", "ApexConfigError", "sliding_full_pattern", "unrolled_physical_layers"]

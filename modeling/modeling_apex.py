@@ -1131,13 +1131,13 @@ class ApexModel(ApexPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         num_passes = self._resolve_refinement_steps(num_refinement_steps)
-        if input_ids is not None:
-            self._check_token_ids(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_seen_tokens)
+        self._check_cache_passes(past_key_values, past_seen_tokens, num_passes)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_length(past_seen_tokens + inputs_embeds.shape[1], past_key_values)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -1335,16 +1335,77 @@ class ApexModel(ApexPreTrainedModel):
             return 0
         return max(num_passes - keep, 0)
 
-    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
-        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+    # ----------------------------------------------------------------------------------------------------------------
+    # Input checks: misuse that would run and silently change the output (a mask of another length, positions past the
+    # trained length, a cache continued with another number of passes) or fail deep inside a layer is refused before
+    # any compute. Shapes cost nothing; the value ranges are read with one device sync. All of it is skipped while
+    # compiling, where a data-dependent branch would break the graph (eager runs and the first call check).
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_seen_tokens) -> None:
+        if is_compiling():
             return
-        low, high = torch.stack((input_ids.min(), input_ids.max())).tolist()  # one device sync
-        if low < 0 or high >= self.config.vocab_size:
-            bad = high if high >= self.config.vocab_size else low
+        if input_ids is not None:
+            check_token_tensor("input_ids", input_ids)
+            batch, length = input_ids.shape
+        else:
+            hidden_size = self.config.hidden_size
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, sequence, hidden_size={hidden_size}), got "
+                    f"{tuple(inputs_embeds.shape)}"
+                )
+            if not inputs_embeds.dtype.is_floating_point:
+                raise TypeError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+            batch, length = inputs_embeds.shape[:2]
+        check_attention_mask(attention_mask, batch, length, past_seen_tokens)
+        if position_ids is not None:
+            check_token_tensor("position_ids", position_ids)
+            if position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids has shape {tuple(position_ids.shape)}; it must be ({batch} or 1, {length}), one "
+                    f"position per input token"
+                )
+        self._check_value_ranges(input_ids, position_ids)
+
+    def _check_value_ranges(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
+        """Token ids inside the vocabulary, positions inside the trained length: both read in one device sync."""
+        checked = {name: t for name, t in (("input_ids", input_ids), ("position_ids", position_ids)) if t is not None}
+        checked = {name: t for name, t in checked.items() if t.numel() > 0}
+        if not checked:
+            return
+        bounds = torch.stack([torch.stack((t.min(), t.max())).long() for t in checked.values()]).tolist()
+        ranges = dict(zip(checked, bounds))
+        vocab_size, limit = self.config.vocab_size, self.config.max_trained_length
+        low, high = ranges.get("input_ids", (0, 0))
+        if low < 0 or high >= vocab_size:
             raise IndexError(
-                f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size}); "
-                f"check that the tokenizer matches the model (resize the embeddings if the tokenizer grew)"
+                f"input_ids contains token id {high if high >= vocab_size else low}, outside the vocabulary [0, "
+                f"{vocab_size}); check that the tokenizer matches the model (resize the embeddings if the tokenizer "
+                f"grew)"
             )
+        low, high = ranges.get("position_ids", (0, 0))
+        if low < 0:
+            raise ValueError(f"position_ids contains position {low}; positions are >= 0")
+        if limit is not None and high >= limit:
+            raise ValueError(
+                f"position_ids contains position {high}, past max_position_embeddings={limit}, and RoPE type "
+                f"{'/'.join(self.config.rope_types)} does not extrapolate"
+            )
+
+    def _check_cache_passes(self, cache: Cache | None, past_seen_tokens, num_passes: int) -> None:
+        """A cache holds one slot per pass that filled it: continued with more passes, the extra passes would attend to
+        empty slots; with fewer, the coda reads another pass's keys. The count is kept on the cache object when it is
+        first filled. A static cache counts its tokens on the device (reading the count would sync): not checked."""
+        if cache is None or isinstance(past_seen_tokens, torch.Tensor) or is_compiling():
+            return
+        filled_with = getattr(cache, "apex_refinement_passes", None)
+        if past_seen_tokens > 0 and filled_with is not None and filled_with != num_passes:
+            raise ValueError(
+                f"the cache was filled with num_refinement_steps={filled_with} and is continued with "
+                f"num_refinement_steps={num_passes}; keep the number of passes fixed within one generation"
+            )
+        if past_seen_tokens == 0:
+            cache.apex_refinement_passes = num_passes
 
     def _check_length(self, total_length: int | torch.Tensor, past_key_values: Cache | None) -> None:
         limit = self.config.max_trained_length
@@ -1462,6 +1523,58 @@ class ApexModel(ApexPreTrainedModel):
         return [torch.exp(-torch.cat(k).clamp(min=0)).view(r.shape[:-1]) for k, r in zip(kl, readouts)]
 
 
+def check_token_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Token ids, positions and labels are integer tensors of shape (batch, sequence)."""
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got {tensor.dtype}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, sequence), got shape {tuple(tensor.shape)}")
+
+
+def check_attention_mask(attention_mask, batch: int, length: int, past_seen_tokens) -> None:
+    """A 2-D padding mask covers the cached tokens and the new ones of every row: a shorter or longer one would be
+    aligned with the wrong tokens, another batch size would drop or repeat rows. 4-D masks and mask mappings are
+    built by the caller and passed through; a static cache's length is on the device, so only the batch is checked."""
+    if not isinstance(attention_mask, torch.Tensor):
+        return
+    if attention_mask.dim() == 2:
+        expected = past_seen_tokens + length if isinstance(past_seen_tokens, int) else attention_mask.shape[-1]
+        if attention_mask.shape != (batch, expected) or attention_mask.shape[-1] < length:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch={batch}, cached + new "
+                f"tokens={expected}) for this call"
+            )
+    elif attention_mask.dim() == 4 and attention_mask.shape[0] not in (1, batch):
+        raise ValueError(f"a 4-D attention_mask covers batch {attention_mask.shape[0]}, the input {batch}")
+
+
+def check_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, inputs_embeds, vocab_size: int) -> None:
+    """Labels: one per input token, each -100 (ignored) or a token id of the vocabulary, read in one device sync.
+    Out of range, the loss would index past the LM head's output (a device-side assert on GPU)."""
+    if is_compiling():
+        return
+    if input_ids is not None:
+        check_token_tensor("input_ids", input_ids)  # first: 1-D ids would make 1-D labels look like the mistake
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if inputs is None:
+        return  # the model refuses the call itself: it needs input_ids or inputs_embeds
+    check_token_tensor("labels", labels)
+    if labels.shape != inputs.shape[:2]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)}; it must match the input's (batch, sequence) "
+            f"{tuple(inputs.shape[:2])}"
+        )
+    if labels.numel() == 0:
+        return
+    kept = labels.masked_fill(labels == -100, 0)
+    low, high = torch.stack((kept.min(), kept.max())).tolist()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"labels contains {high if high >= vocab_size else low}: each label must be -100 (ignored) or a token id "
+            f"in [0, {vocab_size})"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Multi-token prediction (DeepSeek-V3) and the causal-LM head
 
@@ -1543,6 +1656,8 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> ApexCausalLMOutputWithPast:
         check_forward_kwargs(type(self).__name__, kwargs)
+        if labels is not None:
+            check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size)
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )

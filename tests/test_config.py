@@ -22,7 +22,7 @@ CONFIG_ERRORS = [
     ),
     (dict(attention_type="sparse"), "attention_type='sparse'"),
     (dict(num_hidden_layers=5), "num_hidden_layers=5 contradicts the refinement loop"),
-    (dict(rope_parameters={"rope_type": "spiral", "rope_theta": 1e4}), "rope_type='spiral' is unknown"),
+    (dict(rope_parameters={"rope_type": "spiral", "rope_theta": 1e4}), "rope_type=.spiral. is invalid"),
     (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef=-0.1"),
     (dict(verifier_loss_coef=-1.0), "verifier_loss_coef=-1.0"),
     (dict(router_z_loss_coef=-1e-3), "router_z_loss_coef=-0.001"),

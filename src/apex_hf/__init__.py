@@ -20,13 +20,21 @@ __version__ = "0.1.0"
 # Public name -> module that defines it, imported on first access.
 _LAZY_NAMES = {
     "ApexConfig": ".modeling.configuration_apex",
+    "ApexConfigError": ".modeling.configuration_apex",
     "sliding_full_pattern": ".modeling.configuration_apex",
     "ApexForCausalLM": ".modeling.modeling_apex",
     "ApexModel": ".modeling.modeling_apex",
     "ApexPreTrainedModel": ".modeling.modeling_apex",
 }
 
-__all__ = ["ApexConfig", "ApexForCausalLM", "ApexModel", "ApexPreTrainedModel", "sliding_full_pattern"]
+__all__ = [
+    "ApexConfig",
+    "ApexConfigError",
+    "ApexForCausalLM",
+    "ApexModel",
+    "ApexPreTrainedModel",
+    "sliding_full_pattern",
+]
 
 
 def __getattr__(name: str):

@@ -9,9 +9,10 @@ deduplicate pre-training text (datatrove). `demo`: the CPU demo. Training comman
 `accelerate launch` (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
 
 Each command is a row of `COMMANDS`: its help, the function that adds its arguments, and the function that runs it.
-A command marks where bad input can show (`bad_input`): reading a recipe, a flag or a path, and for some commands the
-work itself (a checkpoint that cannot be converted, data that leaves nothing). Bad input ends in a one-line message
-and exit status 2 (`main`); any other error keeps its traceback.
+Bad input ends in a one-line message and exit status 2, whichever command meets it (`main`, `USER_ERRORS`): a recipe,
+a flag, a path, a configuration, and for some commands the work itself (a checkpoint that cannot be converted, data
+that leaves nothing). Any other error is a bug and keeps its traceback; `--debug` shows the traceback of bad input
+too.
 """
 
 from __future__ import annotations
@@ -50,6 +51,39 @@ def bad_input(*kinds: type[BaseException]) -> Iterator[None]:
 # What reading a recipe raises where it is wrong. ImportError: a package of an extra is missing.
 RECIPE_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
+# What bad input raises, wherever a command meets it: ValueError (a nonsense value: recipes, ApexConfigError, a
+# checkpoint that cannot be converted), OSError (a missing, unreadable or already existing path; transformers' "not a
+# folder nor a Hub repo"), ImportError (the package of an extra is missing). `main` reports them in one line.
+USER_ERRORS = (BadInput, ValueError, OSError, ImportError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake (an unknown flag, a value of the wrong type or range) is bad input too: one line, status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `low`, so that `--seq-len -5` is refused while parsing, naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= {low}")
+        return value
+
+    return parse
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (some libraries' messages span several), or its class when it has none."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
 
 @dataclass(frozen=True)
 class Command:
@@ -70,15 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         return command.run(args, overrides)
-    except BadInput as error:
-        parser.exit(2, f"apex-hf {args.command}: error: {error}\n")
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        parser.exit(2, f"apex-hf {args.command}: error: {one_line(error)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apex-hf", description="Apex (MoE + iterative refinement) tools")
+    parser = _Parser(prog="apex-hf", description="Apex (MoE + iterative refinement) tools")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
-        command.add_arguments(commands.add_parser(name, help=command.help, description=command.description))
+        subparser = commands.add_parser(name, help=command.help, description=command.description)
+        command.add_arguments(subparser)
+        subparser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -88,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a preset name (see `apex-hf presets`), a saved model folder or its config.json")
-    parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's training length")
-    parser.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached value (2 = bf16)")
+    parser.add_argument("--seq-len", type=at_least(1), default=None, help="default: the preset's training length")
+    parser.add_argument("--dtype-bytes", type=at_least(1), default=2, help="bytes per cached value (2 = bf16)")
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -265,13 +303,17 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 def _upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="Apex checkpoint folder, or any folder `apex-hf convert` reads")
     parser.add_argument("output", help="new folder for the upcycled Apex checkpoint")
-    parser.add_argument("--experts", type=int, default=None, help="dense -> MoE with this many experts per layer")
-    parser.add_argument("--experts-per-token", type=int, default=2, help="experts each token is routed to")
-    parser.add_argument("--refinement-steps", type=int, default=None, help="single pass -> this many core passes")
-    parser.add_argument("--max-refinement-steps", type=int, default=None, help="passes the cache has room for")
+    parser.add_argument(
+        "--experts", type=at_least(1), default=None, help="dense -> MoE with this many experts per layer"
+    )
+    parser.add_argument("--experts-per-token", type=at_least(1), default=2, help="experts each token is routed to")
+    parser.add_argument("--refinement-steps", type=at_least(1), default=None, help="single pass -> this many passes")
+    parser.add_argument("--max-refinement-steps", type=at_least(1), default=None, help="passes the cache has room for")
     parser.add_argument("--memory", default="gated_add", help="memory_injection of the loop (default gated_add)")
-    parser.add_argument("--prelude-layers", type=int, default=None, help="layers before the loop (default: kept)")
-    parser.add_argument("--coda-layers", type=int, default=None, help="layers after the loop (default: kept)")
+    parser.add_argument(
+        "--prelude-layers", type=at_least(0), default=None, help="layers before the loop (default: kept)"
+    )
+    parser.add_argument("--coda-layers", type=at_least(0), default=None, help="layers after the loop (default: kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
 
 

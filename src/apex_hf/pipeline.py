@@ -17,6 +17,7 @@ its summary is skipped, and an unfinished post-training stage continues from its
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,7 +65,11 @@ class StageEntry:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; expected one of {tuple(STAGES)}")
+            close = difflib.get_close_matches(str(self.stage), list(STAGES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {tuple(STAGES)}{hint}")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"overrides must be a mapping of the stage file's fields, got {self.overrides!r}")
         self.name = self.name or self.stage
 
 
@@ -94,6 +99,8 @@ def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[
     path = Path(path)
     raw = read_recipe(path, overrides)
     config = build_dataclass(PipelineConfig, raw, str(path))
+    if not isinstance(config.stages, list):
+        raise ValueError(f"{path}: stages must be a list of {{stage, config}} entries, got {config.stages!r}")
     entries = [build_dataclass(StageEntry, entry, f"{path} stages[{i}]") for i, entry in enumerate(config.stages)]
     names = [entry.name for entry in entries]
     if not entries or len(set(names)) != len(names):

@@ -17,9 +17,10 @@ reward_funcs: [accuracy, format]   # GRPO only: registry names or dotted paths (
 learning_rate: 1.0e-4              # ...and any other field of the stage's TRL config
 ```
 
-Everything is checked when the file is read, before a model is loaded: an unknown field (with a suggestion), a
-missing local data file, an unknown reward function, and the TRL config's own checks (e.g. `num_generations` must
-divide the generation batch). `--key value` and `--section.key value` on the command line override the file.
+Everything is checked when the file is read, before a model is loaded: an unknown field (with a suggestion), a value of
+the wrong kind or out of range (`TRAINING_RANGES`), a missing or empty local data file, an unknown reward function, and
+the TRL config's own checks (e.g. `num_generations` must divide the generation batch). `--key value` and `--section.key
+value` on the command line override the file.
 """
 
 from __future__ import annotations
@@ -30,11 +31,53 @@ from typing import Any
 
 from trl.scripts.utils import DatasetMixtureConfig
 
-from ..recipe import DataArguments, ModelArguments, build_dataclass, check_data_files, model_from_folder, read_recipe
+from ..recipe import (
+    DataArguments,
+    ModelArguments,
+    Range,
+    build_dataclass,
+    check_data_files,
+    model_from_folder,
+    read_recipe,
+)
 
 
 SECTIONS = ("model", "data", "peft", "reward_funcs")
 DTYPES = ("float32", "bfloat16", "float16", "auto")  # "auto": the checkpoint's dtype
+
+_AT_LEAST_0: Range = (">= 0", lambda v: v >= 0)
+_AT_LEAST_1: Range = (">= 1", lambda v: v >= 1)
+_POSITIVE: Range = ("> 0", lambda v: v > 0)
+_BETA: Range = ("in [0, 1)", lambda v: 0 <= v < 1)
+# Ranges of the TRL / transformers training fields that accept nonsense without a word: `max_steps: -3` trains by
+# epochs, a negative batch size or learning rate fails deep in the trainer. A field a stage's config lacks is skipped.
+TRAINING_RANGES: dict[str, Range] = {
+    "max_steps": ("-1 (train for num_train_epochs) or >= 1", lambda v: v == -1 or v >= 1),
+    "num_train_epochs": _POSITIVE,
+    "learning_rate": _POSITIVE,
+    "per_device_train_batch_size": _AT_LEAST_1,
+    "per_device_eval_batch_size": _AT_LEAST_1,
+    "gradient_accumulation_steps": _AT_LEAST_1,
+    "warmup_steps": _AT_LEAST_0,
+    "weight_decay": _AT_LEAST_0,
+    "max_grad_norm": _AT_LEAST_0,
+    "adam_beta1": _BETA,
+    "adam_beta2": _BETA,
+    "adam_epsilon": _POSITIVE,
+    "logging_steps": _POSITIVE,
+    "save_steps": _POSITIVE,
+    "eval_steps": _POSITIVE,
+    "save_total_limit": _AT_LEAST_1,
+    "seed": _AT_LEAST_0,
+    "max_length": _AT_LEAST_1,
+    "max_prompt_length": _AT_LEAST_1,
+    "max_completion_length": _AT_LEAST_1,
+    "num_generations": _AT_LEAST_1,
+    "num_iterations": _AT_LEAST_1,
+    "temperature": _POSITIVE,
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "beta": _AT_LEAST_0,
+}
 
 
 @dataclass
@@ -89,7 +132,7 @@ def parse_recipe(raw: dict[str, Any], stage: str, source: str = "<dict>") -> Rec
         missing = [name for name in ("model", "data") if sections[name] is None]
         raise ValueError(f"{source}: missing section(s) {missing}")
     config_class = stage_config_class(stage)
-    args = build_dataclass(config_class, raw, source)
+    args = build_dataclass(config_class, raw, source, ranges=TRAINING_RANGES)
     model = build_dataclass(PosttrainModelArguments, sections["model"], f"{source} [model]")
     data = build_dataclass(DataArguments, sections["data"], f"{source} [data]")
     check_data_files(data, f"{source} [data]")

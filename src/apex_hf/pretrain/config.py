@@ -28,7 +28,16 @@ from typing import Any
 
 from trl.scripts.utils import DatasetConfig
 
-from ..recipe import DataArguments, ModelArguments, build_dataclass, check_data_files, model_from_folder, read_recipe
+from ..recipe import (
+    DataArguments,
+    ModelArguments,
+    build_dataclass,
+    check_data_files,
+    check_names,
+    model_from_folder,
+    numbers_in,
+    read_recipe,
+)
 from .checkpoint import has_checkpoints
 
 
@@ -66,9 +75,14 @@ class PretrainModelArguments(ModelArguments):
             self.dtype,
             "float32 or bfloat16 for a preset ('auto' means the checkpoint's dtype)",
         )
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"model.overrides must be a mapping of ApexConfig fields, got {self.overrides!r}")
+        self.overrides = numbers_in(self.overrides)
         clashing = sorted(set(self.overrides) & set(TOKENIZER_FIELDS))
         if clashing:
             raise ValueError(f"model.overrides: {clashing} come from the tokenizer and cannot be overridden")
+        # A misspelt key would otherwise land on the config as an unused attribute, and a default model would train.
+        check_names(self.overrides, config_field_names(), "model.overrides: unknown ApexConfig field(s)")
 
 
 @dataclass
@@ -331,7 +345,11 @@ class PretrainConfig:
                 f"output_dir={self.output_dir!r} holds checkpoints of an earlier run: continue it with --resume "
                 f"(resume_from_checkpoint: latest), or choose another output_dir"
             )
-        limit = self.model_config().max_trained_length
+        try:
+            limit = self.model_config().max_trained_length
+        except ValueError as error:  # ApexConfigError: the preset or checkpoint with model.overrides applied
+            where = f"model.overrides {self.model.overrides}" if self.model.overrides else "model"
+            raise ValueError(f"{where}: {error}") from error
         if limit is not None and self.seq_len > limit:
             raise ValueError(f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={limit}")
 
@@ -384,6 +402,15 @@ class PretrainConfig:
         if self.model.preset is not None:
             return get_preset(self.model.preset, **self.model.overrides, **tokenizer_fields)
         return AutoConfig.from_pretrained(self.model.name_or_path, **self.model.overrides, **tokenizer_fields)
+
+
+def config_field_names() -> list[str]:
+    """What `model.overrides` may set: ApexConfig's fields and the legacy RoPE keys transformers converts."""
+    import dataclasses
+
+    from ..modeling.configuration_apex import ApexConfig
+
+    return [*(f.name for f in dataclasses.fields(ApexConfig)), "rope_theta", "rope_scaling"]
 
 
 def parse_pretrain_config(raw: dict[str, Any], source: str = "<dict>") -> PretrainConfig:
