@@ -130,9 +130,11 @@ class Variant:
     core_multiplier: int = 1  # unique core layers x this
     step_multiplier: float = 1.0
     evaluate_passes: bool = False  # evaluate at every K in EVAL_PASSES
+    ablation: bool = False  # trained only when named in --variants
 
 
 LOOPED = dict(num_refinement_steps=TRAINED_PASSES, max_refinement_steps=max(EVAL_PASSES))
+ABLATION = dict(evaluate_passes=True, ablation=True)
 VARIANTS = {
     v.name: v
     for v in (
@@ -140,15 +142,11 @@ VARIANTS = {
         Variant("k3_plain", dict(LOOPED, memory_injection="gated_add"), evaluate_passes=True),
         Variant("k3_recipe", dict(LOOPED, **LOOP_RECIPE), evaluate_passes=True),
         Variant("k3_recipe_memory", dict(LOOPED, **LOOP_RECIPE, memory_injection="gated_add"), evaluate_passes=True),
-        Variant("k3_no_exit_loss", {**LOOPED, **LOOP_RECIPE, "refinement_exit_loss_coef": 0.0}, evaluate_passes=True),
-        Variant("k3_sampled", dict(LOOPED, **LOOP_RECIPE, **SAMPLED), evaluate_passes=True),
-        Variant(
-            "k3_state_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="every_pass"), evaluate_passes=True
-        ),
-        Variant("k3_sampled_deeper", dict(LOOPED, **LOOP_RECIPE, **SAMPLED_DEEPER), evaluate_passes=True),
-        Variant(
-            "k3_coda_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="before_coda"), evaluate_passes=True
-        ),
+        Variant("k3_no_exit_loss", {**LOOPED, **LOOP_RECIPE, "refinement_exit_loss_coef": 0.0}, **ABLATION),
+        Variant("k3_sampled", dict(LOOPED, **LOOP_RECIPE, **SAMPLED), **ABLATION),
+        Variant("k3_state_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="every_pass"), **ABLATION),
+        Variant("k3_sampled_deeper", dict(LOOPED, **LOOP_RECIPE, **SAMPLED_DEEPER), **ABLATION),
+        Variant("k3_coda_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="before_coda"), **ABLATION),
         Variant("unique_depth", core_multiplier=TRAINED_PASSES),
         # Layers run per token, K = 3 with the recipe (P + 3C + D, and D again for each of the 2 earlier exits)
         # against K = 1 (P + C + D): the step multiplier that equals the recipe's training FLOPs.
@@ -455,7 +453,7 @@ def parse_override(parser: argparse.ArgumentParser, item: str) -> tuple[str, obj
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_variants = [name for name in VARIANTS if name not in ("k3_no_exit_loss", "k3_sampled")]
+    default_variants = [name for name, variant in VARIANTS.items() if not variant.ablation]
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=default_variants)
     parser.add_argument("--steps", type=int, default=1200, help="training steps of the K = 1 variants")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
