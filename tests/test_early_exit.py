@@ -14,8 +14,8 @@ NEW_TOKENS = 6
 
 def build(variant, **overrides):
     torch.manual_seed(0)
-    if variant == "verifier_only":
-        variant, overrides = "gqa", {**VERIFIER_ONLY, **overrides}
+    if variant in LOOP_VARIANTS:
+        variant, overrides = "gqa", {**LOOP_VARIANTS[variant], **overrides}
     config = tiny_config(variant, **overrides)
     config._attn_implementation = "eager"  # attention sinks (family_knobs) need it; one backend for every variant
     config._experts_implementation = "batched_mm"  # per-token expert compute: batch and row alone round alike
@@ -52,11 +52,15 @@ def mid_threshold(model, inputs) -> float:
     return scores.median().item()
 
 
-# The verifier without the memory (`refinement_verifier=True`, `memory_injection="none"`) next to every variant.
+# Next to every variant: the verifier without the memory, and the loop state normalised at either place.
 VERIFIER_ONLY = dict(memory_injection="none", refinement_verifier=True)
+LOOP_VARIANTS = {
+    "verifier_only": VERIFIER_ONLY,
+    **{f"state_norm_{where}": dict(refinement_state_norm=where) for where in ("every_pass", "before_coda")},
+}
 
 
-@pytest.fixture(params=[*VARIANTS, "verifier_only"])
+@pytest.fixture(params=[*VARIANTS, *LOOP_VARIANTS])
 def variant(request):
     return request.param
 

@@ -95,10 +95,16 @@ def test_input_injection_adapter_starts_as_addition_and_never_runs_at_one_pass()
     assert not torch.allclose(plain(ids()).logits, added(ids()).logits)
 
 
-def test_exit_loss_reads_each_earlier_pass_out_as_a_model_with_that_many_passes():
-    """Exit k of a training forward is what the model computes at num_refinement_steps=k (memory included), and the
-    loss is the final pass's plus the coefficient times the mean of the exits' losses."""
-    model = build(num_refinement_steps=3, refinement_input_injection="add", refinement_exit_loss_coef=0.5).train()
+@pytest.mark.parametrize("state_norm", ["none", "every_pass", "before_coda"])
+def test_exit_loss_reads_each_earlier_pass_out_as_a_model_with_that_many_passes(state_norm):
+    """Exit k of a training forward is what the model computes at num_refinement_steps=k (memory and state norm
+    included), and the loss is the final pass's plus the coefficient times the mean of the exits' losses."""
+    model = build(
+        num_refinement_steps=3,
+        refinement_input_injection="add",
+        refinement_exit_loss_coef=0.5,
+        refinement_state_norm=state_norm,
+    ).train()
     loss = model(ids(), labels=ids()).loss
     exit_losses = [model.model.aux_losses[f"exit_loss_pass{k}"] for k in (1, 2)]
     model.eval()
