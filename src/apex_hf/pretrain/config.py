@@ -29,7 +29,6 @@ from typing import Any
 from trl.scripts.utils import DatasetConfig
 
 from ..recipe import DataArguments, ModelArguments, build_dataclass, check_data_files, model_from_folder, read_recipe
-from .checkpoint import has_checkpoints
 
 
 SCHEDULERS = ("cosine", "wsd")
@@ -326,11 +325,6 @@ class PretrainConfig:
             "set with data.streaming (a streamed held-out set is read up to it)",
         )
         self._check_tokenizer()
-        if self.resume_from_checkpoint is None and has_checkpoints(Path(self.output_dir)):
-            raise ValueError(
-                f"output_dir={self.output_dir!r} holds checkpoints of an earlier run: continue it with --resume "
-                f"(resume_from_checkpoint: latest), or choose another output_dir"
-            )
         limit = self.model_config().max_trained_length
         if limit is not None and self.seq_len > limit:
             raise ValueError(f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={limit}")
