@@ -75,10 +75,12 @@ def folder_holds(folder: str | Path) -> tuple[Holds, str]:
     return Holds.PARTIAL, f"a partial run or other files ({shown}; no {SUMMARY_FILE})"
 
 
-def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Holds:
+def check_output_dir(
+    output_dir: str | Path, resume: bool = False, overwrite: bool = False, resumable: bool = True
+) -> Holds:
     """The rule of the module docstring's table, checked before anything is loaded: returns what `output_dir` holds
     when the command may go on, raises `OutputExists` or `NothingToResume` naming the folder and the flag otherwise.
-    Commands without `--resume` pass `resume=False`."""
+    Commands without `--resume` pass `resumable=False` (the message then offers `--overwrite` alone)."""
     output_dir = Path(output_dir)
     holds, words = folder_holds(output_dir)
     if resume and overwrite:
@@ -88,15 +90,17 @@ def check_output_dir(output_dir: str | Path, resume: bool = False, overwrite: bo
     if resume and holds is not Holds.PARTIAL:
         hint = "; --overwrite trains it again" if holds is Holds.FINISHED else "; run without --resume to start"
         raise NothingToResume(f"--resume: {output_dir} holds {words}, no run to continue{hint}")
-    if holds is Holds.NOTHING or overwrite:
+    if holds is Holds.NOTHING or overwrite or resume:  # resume: a partial run, checked above
         return holds
-    flags = "--resume continues it, --overwrite replaces it" if holds is Holds.PARTIAL else "--overwrite replaces it"
+    flags = "--overwrite replaces it"
+    if holds is Holds.PARTIAL and resumable:
+        flags = "--resume continues it, " + flags
     raise OutputExists(f"{output_dir} already holds {words}; {flags} (or choose another output folder)")
 
 
 def check_new_output_dir(output_dir: str | Path, overwrite: bool = False) -> Path:
     """`output_dir` as a Path, checked by `check_output_dir` for a command that cannot resume."""
-    check_output_dir(output_dir, overwrite=overwrite)
+    check_output_dir(output_dir, overwrite=overwrite, resumable=False)
     return Path(output_dir)
 
 
