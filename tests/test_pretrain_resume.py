@@ -131,7 +131,7 @@ def test_resume_errors(tmp_path, monkeypatch):
         pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "a"), "--resume_from_checkpoint", str(tmp_path / "x")])
     foreign = tmp_path / "b" / "checkpoint-5"
     foreign.mkdir(parents=True)
-    with pytest.raises(ValueError, match="no manifest.json"):
+    with pytest.raises(ValueError, match="manifest.json is missing"):
         pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", str(foreign)])
     (foreign / "checkpoint.json").write_text(json.dumps({"step": 5, "num_processes": 4}))
     write_manifest(foreign)

@@ -84,7 +84,7 @@ def check_output_dir(
     output_dir = Path(output_dir)
     holds, words = folder_holds(output_dir)
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run in the folder, or replace it")
+        raise ValueError(f"--resume and --overwrite exclude each other: continue the run in {output_dir} or redo it")
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExists(f"{output_dir} is a file, not a folder; choose another output folder")
     if resume and holds is not Holds.PARTIAL:

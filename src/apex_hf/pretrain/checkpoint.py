@@ -30,7 +30,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from ..outputs import NothingToResume, write_json
-from ..stage_folder import MANIFEST_FILE, manifest_problems, read_trainer_state, write_manifest, write_trainer_state
+from ..stage_folder import manifest_problems, read_trainer_state, write_manifest, write_trainer_state
 
 
 CHECKPOINT_INFO = "checkpoint.json"  # the step and the number of processes; the files are in the manifest
@@ -104,8 +104,6 @@ def has_checkpoints(output_dir: Path) -> bool:
 
 def check_checkpoint(folder: Path, num_processes: int) -> str | None:
     """Why `folder` cannot be resumed from (its first damaged file), or None if it is intact."""
-    if not (folder / MANIFEST_FILE).is_file():
-        return f"no {MANIFEST_FILE} (not written by apex-hf pretrain, or interrupted while saving)"
     problems = manifest_problems(folder)
     if problems:
         return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
