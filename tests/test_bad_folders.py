@@ -240,12 +240,17 @@ def pretrain_argv(output_dir: Path, *flags: str, steps: int = 6, config: Path = 
 
 
 @pytest.mark.parametrize("case", CHECKPOINT_DAMAGE, ids=str)
-def test_resume_with_every_checkpoint_damaged_is_an_error_listing_each(case, partial, capsys):
+@pytest.mark.parametrize("command", ["pretrain", "sft"])
+def test_resume_with_every_checkpoint_damaged_is_an_error_listing_each(command, case, partial, finished, capsys):
     name, damage, message = CHECKPOINT_DAMAGE[case]
     for checkpoint in ("checkpoint-2", "checkpoint-4"):
         damage(partial / checkpoint / name)
     before = snapshot(partial)
-    status, err = run_cli(pretrain_argv(partial, "--resume"), capsys)
+    if command == "pretrain":
+        argv = pretrain_argv(partial, "--resume")
+    else:  # the Trainer's checkpoints carry the same manifest; checked before the model is loaded
+        argv = posttrain_argv("sft", partial, finished, "--resume")
+    status, err = run_cli(argv, capsys)
     assert status == 2 and "no usable checkpoint" in err, err
     assert f"checkpoint-4: {message}" in err and f"checkpoint-2: {message}" in err
     assert "starting at step 0" not in err
@@ -337,6 +342,7 @@ RERUNS: dict[str, tuple[Callable[[Path, Path], list[str]], str, str]] = {
         "--overwrite",
     ),
     "merge-lora into a file": (lambda out, src: ["merge-lora", str(src / "adapter"), str(out)], "file", "is a file"),
+    "convert into a folder with only .git": (lambda out, src: ["convert", str(src), str(out)], "git", ".git"),
 }
 
 
@@ -347,6 +353,9 @@ def occupy(out: Path, finished: Path, holds: str) -> None:
         shutil.copytree(finished / "checkpoint-2", out / "checkpoint-2")
     elif holds == "file":
         out.write_text("not a folder")
+    elif holds == "git":  # someone's clone: hidden, but not ours to replace
+        (out / ".git").mkdir(parents=True)
+        (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
 
 
 @pytest.mark.parametrize("case", RERUNS, ids=str)

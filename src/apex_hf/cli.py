@@ -218,11 +218,11 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 def _posttrain(args: argparse.Namespace, overrides: list[str]) -> int:
     with bad_input(*RECIPE_ERRORS):
         from .posttrain.config import load_recipe
-        from .posttrain.stages import run_stage
+        from .posttrain.stages import resumes_in_place, run_stage
 
         recipe = load_recipe(args.config, args.command, _recipe_overrides(args, overrides))
     with bad_input(*FOLDER_ERRORS):
-        check_output_dir(recipe.args.output_dir, resume=args.resume, overwrite=args.overwrite)
+        check_output_dir(recipe.args.output_dir, resume=resumes_in_place(recipe), overwrite=args.overwrite)
         run_stage(recipe, overwrite=args.overwrite)
     return 0
 

@@ -61,7 +61,8 @@ def folder_holds(folder: str | Path) -> tuple[Holds, str]:
         return Holds.NOTHING, "nothing"
     if not folder.is_dir():
         return Holds.FINISHED, "a file, not a folder"
-    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    # a checkpoint being saved or deleted is part of a run; any other hidden entry (`.git`) is someone's work
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".checkpoint-"))
     if not entries:
         return Holds.NOTHING, "nothing"
     if SUMMARY_FILE in entries:

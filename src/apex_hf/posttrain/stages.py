@@ -171,14 +171,18 @@ def build_trainer(recipe: Recipe):
 def run_stage(recipe: Recipe, overwrite: bool = False) -> Path:
     """Train one stage and write its output folder; returns it. An `output_dir` that holds a run is continued with
     `resume_from_checkpoint`, replaced with `overwrite`, else refused before anything is loaded."""
-    resume = recipe.args.resume_from_checkpoint
-    in_place = resume == "latest" or (resume is not None and Path(resume).parent == Path(recipe.args.output_dir))
-    folder = RunFolder.open(recipe.args.output_dir, resume=in_place, overwrite=overwrite)
+    folder = RunFolder.open(recipe.args.output_dir, resume=resumes_in_place(recipe), overwrite=overwrite)
     try:
         return _train_stage(_in_work_folder(recipe, folder), folder)
     except BaseException:
         folder.discard()
         raise
+
+
+def resumes_in_place(recipe: Recipe) -> bool:
+    """Whether the stage continues a run of its own `output_dir` (`latest`, or a checkpoint folder inside it)."""
+    requested, output_dir = recipe.args.resume_from_checkpoint, Path(recipe.args.output_dir)
+    return requested == "latest" or (requested is not None and Path(requested).parent == output_dir)
 
 
 def _in_work_folder(recipe: Recipe, folder: RunFolder) -> Recipe:
