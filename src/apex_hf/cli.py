@@ -263,10 +263,11 @@ def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge_lora(args: argparse.Namespace, overrides: list[str]) -> int:
-    with bad_input(ImportError, *FOLDER_ERRORS):
-        check_new_output_dir(args.output, overwrite=args.overwrite)
+    with bad_input(*FOLDER_ERRORS):
+        check_new_output_dir(args.output, overwrite=args.overwrite)  # before torch and the model load
+    with bad_input(ImportError):
         from .posttrain.lora import merge_lora
-
+    with bad_input(*FOLDER_ERRORS):  # a damaged base folder
         merge_lora(args.adapter, args.output, base_model=args.base, overwrite=args.overwrite)
     return 0
 
