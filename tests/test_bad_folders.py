@@ -257,6 +257,17 @@ def test_resume_with_every_checkpoint_damaged_is_an_error_listing_each(command, 
     assert snapshot(partial) == before
 
 
+def test_resume_when_no_intact_checkpoint_loads_is_an_error_not_a_fresh_start(partial, capsys):
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):  # damaged before it was hashed: the manifest matches
+        (partial / checkpoint / "optimizer.bin").write_bytes(b"not a torch file")
+        write_manifest(partial / checkpoint)
+    before = snapshot(partial)
+    status, err = run_cli(pretrain_argv(partial, "--resume"), capsys)
+    assert status == 2 and f"none of the checkpoints in {partial} could be loaded" in err, err
+    assert f"skipping {partial}/checkpoint-4: loading it failed" in capsys.last_out
+    assert snapshot(partial) == before
+
+
 def test_resume_into_a_partial_run_without_checkpoints_is_an_error(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()

@@ -38,7 +38,7 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from ..counting import ApexCount, count, peak_flops_per_device
-from ..outputs import RunFolder
+from ..outputs import NothingToResume, RunFolder
 from ..recipe import is_hub_repo_id
 from ..stage_folder import check_model_folder, write_summary, write_trainer_state
 from .build import build_batches, build_model, build_tokenizer, make_accelerator, prepare_training
@@ -291,8 +291,8 @@ def restore(
         return 0, [], 0.0
     loaded = restore_checkpoint(accelerator, resumable, say)
     if loaded is None:  # a failed load may have overwritten part of the model: starting over would be wrong
-        raise RuntimeError(
-            f"none of the checkpoints in {Path(config.output_dir)} could be loaded (see the messages above)"
+        raise NothingToResume(
+            f"--resume: none of the checkpoints in {Path(config.output_dir)} could be loaded (why: the messages above)"
         )
     folder, trainer_state, data_state = loaded
     train_batches.load_state_dict(data_state)
