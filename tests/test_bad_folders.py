@@ -503,6 +503,23 @@ def test_a_killed_overwrite_leaves_the_old_run_exactly_as_it_was(stage):
     verify_folder(stage)
 
 
+def test_a_stopped_overwrite_leaves_the_old_run_and_says_it_was_discarded(stage):
+    before = snapshot(stage)
+    argv = pretrain_argv(stage, "--overwrite", steps=400)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "apex_hf.cli", *argv], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    work = stage.with_name(f".{stage.name}.overwrite") / "checkpoint-2"
+    deadline = time.monotonic() + 120
+    while not work.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "the --overwrite run was discarded, the output folder is as it was" in stderr.decode()
+    assert snapshot(stage) == before  # the old run whole, and nothing left beside it
+
+
 def test_a_successful_overwrite_replaces_the_folder_whole(stage, capsys):
     (stage / "old-notes.txt").write_text("from the earlier run")
     status, err = run_cli(pretrain_argv(stage, "--overwrite", steps=2), capsys)

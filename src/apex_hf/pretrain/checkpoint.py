@@ -98,10 +98,6 @@ def _numbered(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)), reverse=True)
 
 
-def has_checkpoints(output_dir: Path) -> bool:
-    return output_dir.is_dir() and bool(_numbered(output_dir))
-
-
 def check_checkpoint(folder: Path, num_processes: int) -> str | None:
     """Why `folder` cannot be resumed from (its first damaged file), or None if it is intact."""
     problems = manifest_problems(folder)
@@ -197,10 +193,14 @@ class StopRequest:
 
 
 class TrainingStopped(RuntimeError):
-    """Raised after the checkpoint that a SIGTERM asked for is written."""
+    """Raised after the checkpoint that a SIGTERM asked for is written. An `--overwrite` run is not resumable (its
+    work folder is discarded, the old folder stays as it was), and says so."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(
-            f"stopped by SIGTERM after step {step}; saved {checkpoint}. Run again with --resume to continue."
+    def __init__(self, step: int, checkpoint: Path, resumable: bool = True):
+        then = (
+            f"saved {checkpoint}. Run again with --resume to continue."
+            if resumable
+            else "the --overwrite run was discarded, the output folder is as it was; run it again to replace it."
         )
+        super().__init__(f"stopped by SIGTERM after step {step}; {then}")
         self.step, self.checkpoint = step, checkpoint

@@ -64,6 +64,11 @@ def run_pretrain(config: PretrainConfig, overwrite: bool = False) -> Path:
         run = PretrainRun.build(config, folder)
         run.train()
         return run.finish()
+    except TrainingStopped as stopped:
+        folder.discard()
+        if folder.work != folder.final:
+            raise TrainingStopped(stopped.step, stopped.checkpoint, resumable=False) from None
+        raise
     except BaseException:
         folder.discard()
         raise
