@@ -287,6 +287,22 @@ def test_resume_skips_a_damaged_newest_checkpoint_for_the_older_one(partial, cap
     assert json.loads((partial / SUMMARY_FILE).read_text())["resumed_from_step"] == 2
 
 
+def test_a_trainer_stage_writes_manifests_and_resume_skips_its_damaged_newest_checkpoint(finished, tmp_path, capsys):
+    out = tmp_path / "sft"
+    steps = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"]
+    status, err = run_cli(posttrain_argv("sft", out, finished, *steps), capsys)
+    assert status == 0, err
+    for folder in (out, out / "checkpoint-1", out / "checkpoint-2"):
+        verify_folder(folder)
+    for name in (SUMMARY_FILE, MANIFEST_FILE, "model.safetensors"):  # as if stopped after the step-2 checkpoint
+        (out / name).unlink()
+    flip(out / "checkpoint-2" / "optimizer.pt")
+    status, err = run_cli(posttrain_argv("sft", out, finished, *steps, "--resume"), capsys)
+    assert status == 0, err
+    assert f"skipping {out}/checkpoint-2: optimizer.pt is damaged" in capsys.last_out
+    verify_folder(out)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # occupied output folders
 
