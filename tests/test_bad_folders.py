@@ -225,6 +225,14 @@ def test_verify_passes_an_intact_folder_and_each_checkpoint(finished, capsys):
         assert status == 0 and not err and f"{folder}: intact" in capsys.last_out
 
 
+def test_verify_passes_a_folder_as_the_hub_gives_it_back(stage, capsys):
+    (stage / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (stage / ".cache" / "huggingface").mkdir(parents=True)
+    (stage / ".cache" / "huggingface" / "model.safetensors.metadata").write_text("abc\n")
+    status, err = run_cli(["verify", str(stage)], capsys)
+    assert status == 0, err
+
+
 def test_verify_of_a_missing_folder_names_it(tmp_path, capsys):
     status, err = run_cli(["verify", str(tmp_path / "nowhere")], capsys)
     assert status == 2 and "nowhere is not a folder" in err

@@ -82,17 +82,16 @@ def _listed_files(folder: Path) -> list[str]:
     names = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
-        if path.is_file() and not _unlisted(folder, relative.parts[0]):
+        if path.is_file() and not _unlisted(relative.parts[0]):
             names.append(relative.as_posix())
     return sorted(names)
 
 
-def _unlisted(folder: Path, top: str) -> bool:
+def _unlisted(top: str) -> bool:
     """Top-level entries a manifest leaves out: itself, the `checkpoint-<step>` folders (they come and go while a run
-    trains, and each has its own manifest) and hidden folders (a checkpoint being saved, the Hub's download cache)."""
-    if top == MANIFEST_FILE or CHECKPOINT_FOLDER.fullmatch(top):
-        return True
-    return top.startswith(".") and (folder / top).is_dir()
+    trains, and each has its own manifest) and hidden entries (a checkpoint being saved, and what the Hub adds to a
+    folder pushed and downloaded again: `.gitattributes`, `--local-dir`'s `.cache`)."""
+    return top == MANIFEST_FILE or bool(CHECKPOINT_FOLDER.fullmatch(top)) or top.startswith(".")
 
 
 def _hash_files(folder: Path, names: list[str]) -> list[str]:
