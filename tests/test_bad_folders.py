@@ -422,6 +422,25 @@ def test_the_pipeline_and_the_demo_refuse_any_occupied_stage_folder(command, sta
     assert snapshot(root / stage_name) == before
 
 
+@pytest.mark.parametrize(
+    "resume, overwrite, actions",
+    [
+        (True, False, ["skip", "resume", "run", "run", "run"]),
+        (False, True, ["run"] * 5),
+    ],
+)
+def test_the_pipeline_plans_each_stage_by_what_its_folder_holds(resume, overwrite, actions, finished, tmp_path):
+    from apex_hf.pipeline import check_stage_folders, plan_pipeline
+
+    root = tmp_path / "run"
+    occupy(root / "pretrain", finished, "finished")
+    occupy(root / "sft", finished, "partial")
+    plan = plan_pipeline(TINY / "pipeline.yaml", ["--output_dir", str(root)])
+    before = snapshot(root)
+    assert check_stage_folders(plan, resume=resume, overwrite=overwrite) == actions
+    assert snapshot(root) == before
+
+
 def test_pipeline_resume_refuses_to_skip_a_damaged_finished_stage(finished, tmp_path, capsys):
     root = tmp_path / "run"
     occupy(root / "pretrain", finished, "finished")
