@@ -416,7 +416,10 @@ def test_the_pipeline_and_the_demo_refuse_any_occupied_stage_folder(command, sta
     if command == "pipeline":
         argv = ["pipeline", str(TINY / "pipeline.yaml"), "--output_dir", str(root)]
     else:
-        argv = ["demo", "--pipeline", str(TINY / "pipeline.yaml"), "--output-dir", str(root), "--skip-reload"]
+        import torch
+
+        threads = str(torch.get_num_threads())  # the demo sets torch's thread count: keep this process's
+        argv = ["demo", "--pipeline", str(TINY / "pipeline.yaml"), "--output-dir", str(root), "--threads", threads]
     status, err = run_cli(argv, capsys)
     assert status == 2 and f"{root / stage_name} already holds a finished run" in err, err
     assert snapshot(root / stage_name) == before

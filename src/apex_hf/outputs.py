@@ -111,6 +111,7 @@ def replace_folder(new: Path, target: Path) -> None:
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         new.replace(target)
         return
+    # a crash between the two renames leaves the old folder whole under this name, never half of it
     old = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
     target.replace(old)
     new.replace(target)
