@@ -71,7 +71,8 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     ]
     started = time.perf_counter()
     run = subprocess.run(
-        [*command(args), "pretrain", "--config", str(RECIPE), *overrides],
+        # a measurement run again with the same tag replaces the earlier one (whole, once it is complete)
+        [*command(args), "pretrain", "--config", str(RECIPE), "--overwrite", *overrides],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from apex_hf.pretrain import load_pretrain_config, pretrain
-from apex_hf.stage_folder import is_finished, read_log_history, read_summary
+from apex_hf.pretrain import pretrain
+from apex_hf.stage_folder import is_finished, read_log_history, read_summary, write_manifest
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -123,11 +123,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, uninte
     stopped_at = _checkpoints(output_dir)[-1]
     assert f"stopped by SIGTERM after step {stopped_at}" in stderr
     assert 10 <= stopped_at < 120 and not is_finished(output_dir)
-    manifest = json.loads((output_dir / f"checkpoint-{stopped_at}" / "checkpoint.json").read_text())
-    assert manifest["step"] == stopped_at and "optimizer.bin" in manifest["files"]
+    info = json.loads((output_dir / f"checkpoint-{stopped_at}" / "checkpoint.json").read_text())
+    manifest = json.loads((output_dir / f"checkpoint-{stopped_at}" / "manifest.json").read_text())
+    assert info["step"] == stopped_at and len(manifest["files"]["optimizer.bin"]["sha256"]) == 64
 
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):  # no silent restart over them
-        load_pretrain_config(TINY_RECIPE, [*RUN, "--output_dir", str(output_dir)])
+    with pytest.raises(FileExistsError, match="holds a partial run .*--resume continues it"):  # no restart over it
+        pretrain(TINY_RECIPE, [*RUN, "--output_dir", str(output_dir)])
     resumed = _start(output_dir, "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
@@ -142,8 +143,9 @@ def test_resume_errors(tmp_path, monkeypatch):
         pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "a"), "--resume_from_checkpoint", str(tmp_path / "x")])
     foreign = tmp_path / "b" / "checkpoint-5"
     foreign.mkdir(parents=True)
-    with pytest.raises(ValueError, match="no checkpoint.json"):
+    with pytest.raises(ValueError, match="manifest.json is missing"):
         pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", str(foreign)])
-    (foreign / "checkpoint.json").write_text(json.dumps({"step": 5, "num_processes": 4, "files": {}}))
+    (foreign / "checkpoint.json").write_text(json.dumps({"step": 5, "num_processes": 4}))
+    write_manifest(foreign)
     with pytest.raises(ValueError, match="written by 4 processes; resume it with as many"):
         pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])

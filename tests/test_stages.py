@@ -14,7 +14,15 @@ from apex_hf import ApexForCausalLM
 from apex_hf.pipeline import plan_pipeline, run_pipeline
 from apex_hf.posttrain.config import load_recipe
 from apex_hf.posttrain.stages import build_trainer, run_stage
-from apex_hf.stage_folder import STATE_FILE, SUMMARY_FILE, is_finished, read_log_history, read_summary
+from apex_hf.stage_folder import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+    is_finished,
+    read_log_history,
+    read_summary,
+    write_manifest,
+)
 from apex_hf.tokenizer import TURN_END_TOKEN, prepare_chat_tokenizer
 
 
@@ -100,10 +108,12 @@ def test_a_stage_resumes_from_its_checkpoint_with_the_same_losses(base_model, tm
     run_stage(recipe("sft", base_model, tmp_path / "cut", *steps))
     shutil.rmtree(tmp_path / "cut" / "checkpoint-4")  # as if stopped after the step-2 checkpoint
     (tmp_path / "cut" / SUMMARY_FILE).unlink()
+    (tmp_path / "cut" / MANIFEST_FILE).unlink()
     state_file = tmp_path / "cut" / "checkpoint-2" / STATE_FILE
     state = json.loads(state_file.read_text())
     state["log_history"][0]["loss"] = 123.0  # a marker: only a run restored from this checkpoint carries it
     state_file.write_text(json.dumps(state))
+    write_manifest(state_file.parent)  # the edited checkpoint counts as intact
     run_stage(recipe("sft", base_model, tmp_path / "cut", *steps, "--resume_from_checkpoint", "latest"))
     resumed = [e["loss"] for e in read_log_history(tmp_path / "cut") if "loss" in e]
     assert resumed[0] == 123.0

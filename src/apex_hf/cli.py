@@ -5,7 +5,9 @@ training stage (`--field value` overrides the file). `pipeline FILE`: the stages
 adapter into its base model. `convert SRC OUT`: a Llama / Qwen3 / Qwen3-MoE / Mixtral / DeepSeek-V3 / Gemma 3 /
 GPT-OSS / GLM-4 checkpoint as Apex; `export SRC OUT --to FAMILY`: back; `upcycle SRC OUT`: dense -> MoE and / or
 single pass -> refinement loop, outputs unchanged. `preprocess INPUT... --output OUT`: clean, filter and
-deduplicate pre-training text (datatrove). `demo`: the CPU demo. Training commands run the same under
+deduplicate pre-training text (datatrove). `demo`: the CPU demo. `verify FOLDER`: check a folder against its manifest.
+A command refuses an output folder that already holds something unless `--resume` or `--overwrite` says what to do
+with it (`apex_hf.outputs.check_output_dir`), before it loads anything. Training commands run the same under
 `accelerate launch` (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
 
 Each command is a row of `COMMANDS`: its help, the function that adds its arguments, and the function that runs it.
@@ -25,36 +27,27 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from .demo import add_demo_arguments
+from .outputs import check_new_output_dir, check_output_dir
 from .pretrain.preprocess import add_preprocess_arguments
+from .stage_folder import read_manifest, verify_folder
 
 
-class BadInput(Exception):
-    """A recipe, a flag, a path or a checkpoint the command cannot use; `main` reports it in one line."""
+def _overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace what the output folder holds, once the new one is complete"
+    )
 
-
-@contextmanager
-def bad_input(*kinds: type[BaseException]) -> Iterator[None]:
-    """Errors of `kinds` raised in the block are bad input."""
-    try:
-        yield
-    except kinds as error:
-        raise BadInput(str(error)) from error
-
-
-# What reading a recipe raises where it is wrong. ImportError: a package of an extra is missing.
-RECIPE_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
 # What bad input raises, wherever a command meets it: ValueError (a nonsense value: recipes, ApexConfigError, a
 # checkpoint that cannot be converted), OSError (a missing, unreadable or already existing path; transformers' "not a
 # folder nor a Hub repo"), ImportError (the package of an extra is missing). `main` reports them in one line.
-USER_ERRORS = (BadInput, ValueError, OSError, ImportError)
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,10 +173,9 @@ def _info(args: argparse.Namespace, overrides: list[str]) -> int:
     from .counting import count
     from .presets import TRAINING_SEQ_LEN
 
-    with bad_input(ValueError, FileNotFoundError):  # an unknown preset or a bad path
-        config = _load_config(args.model)
-        seq_len = args.seq_len or TRAINING_SEQ_LEN.get(args.model) or min(config.max_position_embeddings, 4096)
-        result = count(config, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
+    config = _load_config(args.model)
+    seq_len = args.seq_len or TRAINING_SEQ_LEN.get(args.model) or min(config.max_position_embeddings, 4096)
+    result = count(config, seq_len=seq_len, dtype_bytes=args.dtype_bytes)
     dtype = f"{args.dtype_bytes}-byte values"
     rows = [
         ("total params", result.total),
@@ -222,6 +214,7 @@ def _presets(args: argparse.Namespace, overrides: list[str]) -> int:
 def _stage_arguments(stage: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help=f"recipe YAML, e.g. recipes/apex-small/{stage}.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    _overwrite_argument(parser)
 
 
 def _recipe_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
@@ -229,35 +222,36 @@ def _recipe_overrides(args: argparse.Namespace, overrides: list[str]) -> list[st
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
-    with bad_input(*RECIPE_ERRORS):
-        from .pretrain.config import load_pretrain_config
-        from .pretrain.train import run_pretrain
+    from .pretrain.config import load_pretrain_config
+    from .pretrain.train import resumes_in_place, run_pretrain
 
-        config = load_pretrain_config(args.config, _recipe_overrides(args, overrides))
-    return _until_stopped(args, lambda: run_pretrain(config))
+    config = load_pretrain_config(args.config, _recipe_overrides(args, overrides))
+    check_output_dir(config.output_dir, resume=resumes_in_place(config), overwrite=args.overwrite)
+    return _until_stopped(args, lambda: run_pretrain(config, overwrite=args.overwrite))
 
 
 def _posttrain(args: argparse.Namespace, overrides: list[str]) -> int:
-    with bad_input(*RECIPE_ERRORS):
-        from .posttrain.config import load_recipe
-        from .posttrain.stages import run_stage
+    from .posttrain.config import load_recipe
+    from .posttrain.stages import resumes_in_place, run_stage
 
-        recipe = load_recipe(args.config, args.command, _recipe_overrides(args, overrides))
-    run_stage(recipe)
+    recipe = load_recipe(args.config, args.command, _recipe_overrides(args, overrides))
+    check_output_dir(recipe.args.output_dir, resume=resumes_in_place(recipe), overwrite=args.overwrite)
+    run_stage(recipe, overwrite=args.overwrite)
     return 0
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="pipeline YAML, e.g. recipes/apex-small/pipeline.yaml")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, resume an unfinished one")
+    _overwrite_argument(parser)
 
 
 def _pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
-    with bad_input(*RECIPE_ERRORS):
-        from .pipeline import plan_pipeline, run_pipeline
+    from .pipeline import check_stage_folders, plan_pipeline, run_pipeline
 
-        plan = plan_pipeline(args.file, overrides)
-    return _until_stopped(args, lambda: run_pipeline(plan, resume=args.resume))
+    plan = plan_pipeline(args.file, overrides)
+    check_stage_folders(plan, args.resume, args.overwrite)
+    return _until_stopped(args, lambda: run_pipeline(plan, resume=args.resume, overwrite=args.overwrite))
 
 
 def _until_stopped(args: argparse.Namespace, train: Callable[[], object]) -> int:
@@ -276,12 +270,14 @@ def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter folder (adapter_config.json + weights)")
     parser.add_argument("output", help="new folder for the merged model")
     parser.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    _overwrite_argument(parser)
 
 
 def _merge_lora(args: argparse.Namespace, overrides: list[str]) -> int:
-    with bad_input(ImportError):
-        from .posttrain.lora import merge_lora
-    merge_lora(args.adapter, args.output, base_model=args.base)
+    check_new_output_dir(args.output, overwrite=args.overwrite)  # before torch and the model load
+    from .posttrain.lora import merge_lora
+
+    merge_lora(args.adapter, args.output, base_model=args.base, overwrite=args.overwrite)
     return 0
 
 
@@ -292,12 +288,14 @@ def _merge_lora(args: argparse.Namespace, overrides: list[str]) -> int:
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="transformers checkpoint folder (config.json + weights)")
     parser.add_argument("output", help="new folder for the Apex checkpoint")
+    _overwrite_argument(parser)
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="Apex checkpoint folder")
     parser.add_argument("output", help="new folder for the exported checkpoint")
     parser.add_argument("--to", required=True, help="model_type of the target family, e.g. llama, mixtral")
+    _overwrite_argument(parser)
 
 
 def _upcycle_arguments(parser: argparse.ArgumentParser) -> None:
@@ -315,30 +313,32 @@ def _upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--coda-layers", type=at_least(0), default=None, help="layers after the loop (default: kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new routers")
+    _overwrite_argument(parser)
 
 
 def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .convert.families import ConversionError, convert_checkpoint, export_checkpoint
+    check_new_output_dir(args.output, overwrite=args.overwrite)  # before torch and the model load
+    from .convert.families import convert_checkpoint, export_checkpoint
     from .convert.upcycle import upcycle_checkpoint
 
-    with bad_input(ConversionError, FileNotFoundError, FileExistsError):
-        if args.command == "convert":
-            output = convert_checkpoint(args.source, args.output)
-        elif args.command == "export":
-            output = export_checkpoint(args.source, args.output, args.to)
-        else:
-            output = upcycle_checkpoint(
-                args.source,
-                args.output,
-                num_experts=args.experts,
-                num_experts_per_tok=args.experts_per_token,
-                num_refinement_steps=args.refinement_steps,
-                max_refinement_steps=args.max_refinement_steps,
-                memory_injection=args.memory,
-                num_prelude_layers=args.prelude_layers,
-                num_coda_layers=args.coda_layers,
-                seed=args.seed,
-            )
+    if args.command == "convert":
+        output = convert_checkpoint(args.source, args.output, overwrite=args.overwrite)
+    elif args.command == "export":
+        output = export_checkpoint(args.source, args.output, args.to, overwrite=args.overwrite)
+    else:
+        output = upcycle_checkpoint(
+            args.source,
+            args.output,
+            overwrite=args.overwrite,
+            num_experts=args.experts,
+            num_experts_per_tok=args.experts_per_token,
+            num_refinement_steps=args.refinement_steps,
+            max_refinement_steps=args.max_refinement_steps,
+            memory_injection=args.memory,
+            num_prelude_layers=args.prelude_layers,
+            num_coda_layers=args.coda_layers,
+            seed=args.seed,
+        )
     print(f"apex-hf {args.command}: wrote {output}")
     return 0
 
@@ -348,12 +348,10 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .pretrain.preprocess import PreprocessError, config_from_args, preprocess
+    from .pretrain.preprocess import config_from_args, preprocess
 
-    with bad_input(ValueError, FileNotFoundError):  # a bad flag or path
-        config = config_from_args(args)
-    with bad_input(PreprocessError, ImportError):  # the data (nothing read or kept), or orjson missing
-        preprocess(config)
+    config = config_from_args(args)
+    preprocess(config)
     return 0
 
 
@@ -361,6 +359,22 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from .demo import run_demo
 
     run_demo(args)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# verify
+
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="a stage, checkpoint or model folder with a manifest.json")
+
+
+def _verify(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Exit 0 when every file matches the manifest; a one-line error naming the first bad file (exit 2) otherwise."""
+    verify_folder(args.folder)
+    files = read_manifest(args.folder)
+    print(f"apex-hf verify: {args.folder}: intact ({len(files)} files match {Path(args.folder) / 'manifest.json'})")
     return 0
 
 
@@ -403,6 +417,7 @@ COMMANDS: dict[str, Command] = {
         _preprocess,
     ),
     "demo": Command("the whole pipeline on a small Apex, on CPU, in minutes", add_demo_arguments, _demo),
+    "verify": Command("check a folder's files against its manifest (SHA-256 and size)", _verify_arguments, _verify),
 }
 
 

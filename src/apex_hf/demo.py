@@ -37,6 +37,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE), help="pipeline YAML (default: apex-small)")
     parser.add_argument("--output-dir", default="outputs/apex-small", help="stage folders, report and plot go here")
     parser.add_argument("--resume", action="store_true", help="keep finished stages, resume an unfinished one")
+    parser.add_argument("--overwrite", action="store_true", help="replace stage folders of an earlier demo")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, max 8)")
     parser.add_argument("--skip-reload", action="store_true", help="skip the fresh-process reload")
     return parser
@@ -225,7 +226,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     plan = plan_pipeline(args.pipeline, ["--output_dir", str(output_dir)])
-    run_pipeline(plan, resume=args.resume)
+    run_pipeline(plan, resume=args.resume, overwrite=args.overwrite)
     rows = measure(plan)
     table = format_report(rows)
     plot_curves(plan, output_dir / "curves.png")

@@ -11,8 +11,17 @@ stages:
 ```
 
 `config` paths are relative to the pipeline file. Every stage file is read and checked before the first stage
-starts, so a typo in the last stage fails in seconds, not hours. With `resume`, a stage whose folder already holds
-its summary is skipped, and an unfinished post-training stage continues from its newest checkpoint.
+starts, so a typo in the last stage fails in seconds, not hours. So is every stage folder (`stage_action`), by what it
+holds and the flag given:
+
+| a stage folder holds  | no flag | `--resume`                                   | `--overwrite`               |
+|-----------------------|---------|----------------------------------------------|-----------------------------|
+| nothing               | run     | run                                          | run                         |
+| a partial run         | error   | continue from its newest intact checkpoint   | replace it once run again   |
+| a finished run        | error   | skip it, once it matches its manifest        | replace it once run again   |
+
+A stage reads the previous stage's folder only after checking it against its manifest, so a damaged file is named
+rather than trained on.
 """
 
 from __future__ import annotations
@@ -24,12 +33,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .outputs import Holds, check_output_dir, folder_holds
 from .posttrain import config as posttrain_config
 from .posttrain.stages import TRAINERS, run_stage
 from .pretrain import config as pretrain_config
 from .pretrain.train import run_pretrain
 from .recipe import build_dataclass, read_recipe, read_yaml
-from .stage_folder import is_finished
+from .stage_folder import verify_folder
+
+
+def _resume_pretrain(config: pretrain_config.PretrainConfig) -> None:
+    config.resume_from_checkpoint = "latest"
 
 
 @dataclass(frozen=True)
@@ -38,12 +52,14 @@ class StageKind:
 
     parse: Callable[..., Any]  # (a stage file's mapping, source=its name) -> the checked config
     continue_from: Callable[[dict[str, Any], Path], dict[str, Any]]  # the mapping, from the previous stage's folder
-    run: Callable[[Any], Path]  # trains and returns the stage's folder
-    resume: Callable[[Any], None] | None = None  # an unfinished stage goes on from its checkpoint; None: restarts
+    run: Callable[..., Path]  # (config, overwrite=) -> trains and returns the stage's folder
+    resume: Callable[[Any], None]  # makes an unfinished stage go on from its newest intact checkpoint
 
 
 STAGES = {
-    "pretrain": StageKind(pretrain_config.parse_pretrain_config, pretrain_config.continue_from, run_pretrain),
+    "pretrain": StageKind(
+        pretrain_config.parse_pretrain_config, pretrain_config.continue_from, run_pretrain, _resume_pretrain
+    ),
     **{
         stage: StageKind(
             partial(posttrain_config.parse_recipe, stage=stage),
@@ -117,22 +133,36 @@ def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[
     return plan
 
 
-def run_pipeline(plan: list[PlannedStage], resume: bool = False) -> list[Path]:
+def stage_action(planned: PlannedStage, resume: bool, overwrite: bool) -> str:
+    """ "run", "resume" or "skip", by the table of the module docstring; raises where the table says error, and for a
+    finished stage it would skip whose files do not match its manifest."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the pipeline, or run it again")
+    holds, _ = folder_holds(planned.output_dir)
+    if resume and holds is Holds.FINISHED:
+        verify_folder(planned.output_dir)  # the next stage reads it
+        return "skip"
+    if resume and holds is Holds.PARTIAL:
+        return "resume"
+    check_output_dir(planned.output_dir, overwrite=overwrite)
+    return "run"
+
+
+def check_stage_folders(plan: list[PlannedStage], resume: bool = False, overwrite: bool = False) -> list[str]:
+    """Every stage's `stage_action`, before the first stage starts: a folder in the way fails in seconds."""
+    return [stage_action(planned, resume, overwrite) for planned in plan]
+
+
+def run_pipeline(plan: list[PlannedStage], resume: bool = False, overwrite: bool = False) -> list[Path]:
     """Run the planned stages in order (see `plan_pipeline`); returns the stage folders."""
-    outputs = []
-    for index, planned in enumerate(plan, 1):
-        done = is_finished(planned.output_dir)
+    actions = check_stage_folders(plan, resume, overwrite)
+    for index, (planned, action) in enumerate(zip(plan, actions), 1):
         print(f"[pipeline] stage {index}/{len(plan)}: {planned.name} ({planned.stage}) -> {planned.output_dir}")
-        if resume and done:
-            print(f"[pipeline] {planned.name} already finished; skipped")
-        else:
-            _run(planned, resume)
-        outputs.append(planned.output_dir)
-    return outputs
-
-
-def _run(planned: PlannedStage, resume: bool) -> None:
-    kind = STAGES[planned.stage]
-    if resume and kind.resume is not None:
-        kind.resume(planned.recipe)
-    kind.run(planned.recipe)
+        kind = STAGES[planned.stage]
+        if action == "skip":
+            print(f"[pipeline] {planned.name} already finished and intact; skipped")
+            continue
+        if action == "resume":
+            kind.resume(planned.recipe)
+        kind.run(planned.recipe, overwrite=overwrite)
+    return [planned.output_dir for planned in plan]

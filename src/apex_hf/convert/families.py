@@ -36,6 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..modeling.configuration_apex import ApexConfig
 from ..modeling.modeling_apex import ApexForCausalLM
 from ..outputs import atomic_output_dir, check_new_output_dir
+from ..stage_folder import check_model_folder
 
 
 class ConversionError(ValueError):
@@ -700,6 +701,7 @@ def copy_tokenizer_files(source: Path, destination: Path) -> None:
 def read_model_config(source: Path) -> PreTrainedConfig:
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model folder: {source / 'config.json'} does not exist")
+    check_model_folder(source)  # a damaged file is named here, not met as a confusing error while loading
     return AutoConfig.from_pretrained(source)
 
 
@@ -726,27 +728,27 @@ def load_as_apex(source: str | Path) -> ApexForCausalLM:
     return convert_model(load_complete_model(Path(source), AutoModelForCausalLM))
 
 
-def convert_checkpoint(source: str | Path, output_dir: str | Path) -> Path:
+def convert_checkpoint(source: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Convert the transformers checkpoint folder `source` to an Apex checkpoint in the new folder `output_dir`
     (weights in the source's dtype, config, remote code, tokenizer and generation files copied). `output_dir` is
-    written whole or not at all."""
-    source, output_dir = Path(source), check_new_output_dir(output_dir)
+    written whole or not at all; one that holds something is replaced only with `overwrite`."""
+    source, output_dir = Path(source), check_new_output_dir(output_dir, overwrite)
     family_of(read_model_config(source).model_type)  # Apex itself is no family to convert from
     apex = load_as_apex(source)
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, overwrite) as staging:
         apex.save_pretrained(staging)
         copy_tokenizer_files(source, staging)
     return output_dir
 
 
-def export_checkpoint(source: str | Path, output_dir: str | Path, model_type: str) -> Path:
+def export_checkpoint(source: str | Path, output_dir: str | Path, model_type: str, overwrite: bool = False) -> Path:
     """Export the Apex checkpoint folder `source` as a `model_type` checkpoint in the new folder `output_dir`, in
     the family's own layout (Mixtral: per-expert tensors), with the tokenizer files copied."""
-    source, output_dir = Path(source), check_new_output_dir(output_dir)
+    source, output_dir = Path(source), check_new_output_dir(output_dir, overwrite)
     if (source_type := read_model_config(source).model_type) != "apex":
         raise ConversionError(f"{source} is not an Apex checkpoint (its model_type is {source_type!r})")
     exported = export_model(load_complete_model(source, ApexForCausalLM), model_type)
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, overwrite) as staging:
         exported.save_pretrained(staging)
         copy_tokenizer_files(source, staging)
     return output_dir

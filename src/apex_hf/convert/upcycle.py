@@ -191,12 +191,13 @@ def upcycle_model(
     return model
 
 
-def upcycle_checkpoint(source: str | Path, output_dir: str | Path, **options) -> Path:
+def upcycle_checkpoint(source: str | Path, output_dir: str | Path, overwrite: bool = False, **options) -> Path:
     """`upcycle_model` on the checkpoint folder `source` (Apex, or any family `apex_hf.convert.families` reads),
-    saved to the new folder `output_dir` with the tokenizer files, written whole or not at all."""
-    source, output_dir = Path(source), check_new_output_dir(output_dir)
+    saved to the new folder `output_dir` with the tokenizer files, written whole or not at all; one that holds
+    something is replaced only with `overwrite`."""
+    source, output_dir = Path(source), check_new_output_dir(output_dir, overwrite)
     upcycled = upcycle_model(load_as_apex(source), **options)
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, overwrite) as staging:
         upcycled.save_pretrained(staging)
         copy_tokenizer_files(source, staging)
     return output_dir

@@ -24,6 +24,7 @@ from transformers.utils import is_bitsandbytes_available, logging
 from ..counting import build_on_meta
 from ..modeling.configuration_apex import ApexConfig
 from ..outputs import atomic_output_dir, check_new_output_dir
+from ..stage_folder import check_model_folder
 
 
 logger = logging.get_logger(__name__)
@@ -136,6 +137,7 @@ def merge_lora(
     output_dir: str | Path,
     base_model: str | Path | PreTrainedModel | None = None,
     dtype: str | torch.dtype = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Fold the LoRA adapter saved in `adapter_dir` into its base model and save the result to `output_dir`.
 
@@ -143,9 +145,10 @@ def merge_lora(
     `base_model_name_or_path`; a base loaded here gets `dtype` (`"auto"`: as saved). The output holds safetensors
     weights, the remote code (it loads with `trust_remote_code=True` where apex_hf is not installed) and the
     tokenizer, taken from the adapter folder or else the base folder. It is written to a temporary folder next to
-    `output_dir` and renamed into place, so `output_dir` is either complete or absent. Returns `output_dir`.
+    `output_dir` and renamed into place, so `output_dir` is either complete or absent; one that holds something is
+    replaced only with `overwrite`, once the merged model is complete. Returns `output_dir`.
     """
-    adapter_dir, output_dir = Path(adapter_dir), check_new_output_dir(output_dir)
+    adapter_dir, output_dir = Path(adapter_dir), check_new_output_dir(output_dir, overwrite)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter in {adapter_dir}: {adapter_dir / 'adapter_config.json'} does not exist")
 
@@ -157,6 +160,7 @@ def merge_lora(
         base_source = base_model.name_or_path
     else:
         base_source = str(base_model)
+        check_model_folder(base_source)
         base_model = AutoModelForCausalLM.from_pretrained(base_source, dtype=dtype)
     merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
     folders = [adapter_dir, Path(base_source)] if base_source else [adapter_dir]  # an in-memory base has no folder
@@ -164,7 +168,7 @@ def merge_lora(
     if tokenizer_dir is None:
         logger.warning(f"no tokenizer in {adapter_dir} or {base_source}: {output_dir} will have none")
 
-    with atomic_output_dir(output_dir) as staging:
+    with atomic_output_dir(output_dir, overwrite) as staging:
         merged.save_pretrained(staging)
         if tokenizer_dir is not None:
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)

@@ -4,8 +4,13 @@ A stage loads the model and tokenizer named in its recipe (`apex_hf.posttrain.co
 template (resizing the embeddings if the vocabulary grew), loads the dataset mixture, wraps the model in LoRA when the
 recipe has a `peft` section, trains with TRL, and leaves in `output_dir` a complete model folder: weights (LoRA merged
 in; the adapter itself in `output_dir/adapter`), tokenizer, model card, `trainer_state.json` (the log history) and
-`stage_summary.json` (written last: the stage is complete). That folder loads with
+`stage_summary.json` (the stage is complete), then `manifest.json`. That folder loads with
 `from_pretrained(..., trust_remote_code=True)` where apex_hf is not installed, and is the next stage's model.
+
+An `output_dir` that already holds something follows `apex_hf.outputs.check_output_dir`'s rule (`--resume`,
+`--overwrite`); the finished files are staged next to it and moved in at the end (`apex_hf.outputs.RunFolder`), so a
+failure leaves it as it was. Every `checkpoint-<step>` gets a manifest once the Trainer has saved it, and `--resume`
+continues from the newest checkpoint that matches its manifest, saying why each newer one was skipped.
 
 Apex-specific: the trainers are TRL's, with `ApexStatsMixin` adding Apex's own training statistics (verifier,
 consistency, router z-loss, expert-load balance, tokens/s; see `apex_hf.metrics`) to every training log line.
@@ -15,17 +20,19 @@ gets a short line per log step; the trackers (`report_to`) and `trainer_state.js
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from ..metrics import ApexTrainingStats, console_line
+from ..outputs import RunFolder
 from ..recipe import is_hub_repo_id
-from ..stage_folder import write_summary
+from ..stage_folder import STATE_FILE, check_model_folder, newest_intact_checkpoint, write_manifest, write_summary
 from ..tokenizer import prepare_chat_tokenizer
 from .config import Recipe, load_datasets
 
@@ -56,6 +63,16 @@ class ShortPrinterCallback(PrinterCallback):
             print(f"[{self.stage}] step {state.global_step}: {line}")
 
 
+class CheckpointManifest(TrainerCallback):
+    """Writes the manifest into each `checkpoint-<step>` once the Trainer has saved it (the Trainer calls `on_save`
+    after the whole checkpoint is written), so that `--resume` can tell an intact checkpoint from a damaged one."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            write_manifest(folder)
+
+
 class ApexStatsMixin:
     """Adds `ApexTrainingStats` to each training log line (those that carry `loss`). Values are the main process's
     own (not gathered): they describe the model, and every rank sees the same one. The console shows a short line
@@ -66,6 +83,7 @@ class ApexStatsMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.apex_stats = ApexTrainingStats(self.model)
+        self.add_callback(CheckpointManifest())
         for default, short in ((ProgressCallback, ShortProgressCallback), (PrinterCallback, ShortPrinterCallback)):
             if self.pop_callback(default) is not None:
                 self.add_callback(short(self.stage))
@@ -124,6 +142,7 @@ def build_trainer(recipe: Recipe):
 
     set_seed(recipe.args.seed)
     check_model_path(recipe.model.name_or_path)
+    check_model_folder(recipe.model.name_or_path)  # a damaged previous stage is named here, not met while loading
     tokenizer = load_tokenizer(recipe)
     model = load_model(recipe, tokenizer)
     train_dataset, eval_dataset = load_datasets(recipe.data)
@@ -149,19 +168,47 @@ def build_trainer(recipe: Recipe):
     return TRAINERS[recipe.stage](**kwargs)
 
 
-def run_stage(recipe: Recipe) -> Path:
-    """Train one stage and write its output folder; returns it."""
+def run_stage(recipe: Recipe, overwrite: bool = False) -> Path:
+    """Train one stage and write its output folder; returns it. An `output_dir` that holds a run is continued with
+    `resume_from_checkpoint`, replaced with `overwrite`, else refused before anything is loaded."""
+    folder = RunFolder.open(recipe.args.output_dir, resume=resumes_in_place(recipe), overwrite=overwrite)
+    try:
+        return _train_stage(_in_work_folder(recipe, folder), folder)
+    except BaseException:
+        folder.discard()
+        raise
+
+
+def resumes_in_place(recipe: Recipe) -> bool:
+    """Whether the stage continues a run of its own `output_dir` (`latest`, or a checkpoint folder inside it)."""
+    requested, output_dir = recipe.args.resume_from_checkpoint, Path(recipe.args.output_dir)
+    return requested == "latest" or (requested is not None and Path(requested).parent == output_dir)
+
+
+def _in_work_folder(recipe: Recipe, folder: RunFolder) -> Recipe:
+    """The recipe with the run's work folder as TRL's `output_dir` (it differs only with `--overwrite`)."""
+    if folder.work == folder.final:
+        return recipe
+    args = copy.copy(recipe.args)
+    args.output_dir = str(folder.work)
+    return dataclasses.replace(recipe, args=args)
+
+
+def _train_stage(recipe: Recipe, folder: RunFolder) -> Path:
     start = time.perf_counter()
-    trainer = build_trainer(recipe)
     resume = recipe.args.resume_from_checkpoint
-    if resume == "latest":  # the newest checkpoint in output_dir, or a fresh start when there is none yet
-        output_dir = Path(recipe.args.output_dir)
-        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume == "latest":  # the newest intact checkpoint; none is an error, never a silent fresh start
+        resume = str(newest_intact_checkpoint(folder.work, lambda message: print(f"[{recipe.stage}] {message}")))
+    trainer = build_trainer(recipe)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    output_dir = save_stage(trainer, recipe)
-    trainer.save_state()  # trainer_state.json: the log history, as every Trainer checkpoint has it
     if trainer.accelerator.is_main_process:
+        folder.new_staging()
+    trainer.accelerator.wait_for_everyone()
+    save_stage(trainer, recipe, folder.staging, folder.final)
+    if trainer.accelerator.is_main_process:
+        # trainer_state.json: the log history, as every Trainer checkpoint has it
+        trainer.state.save_to_json(str(folder.staging / STATE_FILE))
         summary = {
             "stage": recipe.stage,
             "recipe": recipe.source,
@@ -171,20 +218,23 @@ def run_stage(recipe: Recipe) -> Path:
             "final_eval": final_eval,
             "wall_seconds": time.perf_counter() - start,
         }
-        write_summary(output_dir, summary)
+        write_summary(folder.staging, summary)
+        folder.publish()
+        if recipe.args.push_to_hub:
+            push_folder(recipe, folder.final)
     trainer.accelerator.wait_for_everyone()
-    return output_dir
+    return folder.final
 
 
-def save_stage(trainer, recipe: Recipe) -> Path:
-    """Weights (LoRA merged), tokenizer and model card into `output_dir`; with LoRA, the adapter in `adapter/`.
+def save_stage(trainer, recipe: Recipe, output_dir: Path, final: Path) -> Path:
+    """Weights (LoRA merged), tokenizer and model card into `output_dir` (the staging folder of the stage folder
+    `final`); with LoRA, the adapter in `adapter/`.
 
     Merging happens in memory on the trained model; a 4-bit (QLoRA) or FSDP-sharded model cannot be merged there,
     so its folder holds the adapter only (merge it onto the full-precision base with `apex-hf merge-lora`).
     """
     from peft import PeftModel
 
-    output_dir = Path(recipe.args.output_dir)
     tokenizer = trainer.processing_class
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):
@@ -201,9 +251,7 @@ def save_stage(trainer, recipe: Recipe) -> Path:
     else:
         trainer.save_model(str(output_dir))
     if trainer.accelerator.is_main_process:
-        write_trl_model_card(trainer, recipe, output_dir)
-        if recipe.args.push_to_hub:
-            push_folder(recipe, output_dir)
+        write_trl_model_card(trainer, recipe, output_dir, final)
     return output_dir
 
 
@@ -212,18 +260,19 @@ def hub_dataset_ids(recipe: Recipe) -> list[str]:
     return [d.path for d in recipe.data.datasets if d.data_files is None and is_hub_repo_id(d.path)]
 
 
-def write_trl_model_card(trainer, recipe: Recipe, output_dir: Path) -> None:
+def write_trl_model_card(trainer, recipe: Recipe, output_dir: Path, final: Path) -> None:
     """TRL's model card (library_name, base_model when the input is a Hub repo, tags), with every Hub dataset of the
-    mixture in its metadata."""
+    mixture in its metadata, into `output_dir` for the stage folder `final`. TRL writes it to the Trainer's own
+    `output_dir`; it is edited from there into `output_dir`, whose copy replaces it when the stage is published."""
     from huggingface_hub import ModelCard
 
     datasets = hub_dataset_ids(recipe)
     trainer.create_model_card(
-        model_name=f"{output_dir.parent.name}-{output_dir.name}",
+        model_name=f"{final.parent.name}-{final.name}",
         dataset_name=datasets[0] if datasets else None,
         tags=["apex", recipe.stage] + (["lora"] if recipe.peft is not None else []),
     )
-    card = ModelCard.load(output_dir / "README.md")
+    card = ModelCard.load(Path(trainer.args.output_dir) / "README.md")
     card.data.datasets = datasets or None
     if card.data.base_model is None:  # a local input folder: TRL's template would link to huggingface.co/None
         card.text = card.text.replace(

@@ -3,11 +3,13 @@
 A `checkpoint-<step>` folder holds what a run needs to go on as if it had never stopped: Accelerate's `save_state`
 (model weights, optimizer, the learning-rate scheduler, every process's RNG states; FSDP and DeepSpeed shards in their
 own formats), each process's data position (`data_state_<rank>.json`), the log history (`trainer_state.json`) and the
-tokenizer. It is written as `.checkpoint-<step>.partial` and renamed once complete, with `checkpoint.json` (the step,
-the number of processes, every file's size) written last, so a folder named `checkpoint-<step>` is never half-written.
-A crash while renaming or a disk that lost data can still leave a damaged folder: `find_checkpoints` checks the
-recorded sizes (a truncated file fails) and `restore_checkpoint` falls back to an older checkpoint when loading one
-fails. Contents are not hashed: for a sharded multi-hundred-GB state that would cost minutes at every save.
+tokenizer, `checkpoint.json` (the step and the number of processes). It is written as `.checkpoint-<step>.partial`
+and renamed once complete, with its manifest (`apex_hf.stage_folder`: every file's size and SHA-256) written last, so
+a folder named `checkpoint-<step>` is never half-written. A crash while renaming or a disk that lost data can still
+leave a damaged folder: `find_checkpoints` checks every file against the manifest (a truncated file, flipped bytes
+in the weights or the optimizer state, a missing file) and skips a damaged checkpoint for the newest intact one;
+`restore_checkpoint` also falls back to an older checkpoint when loading one fails. Files are hashed in parallel
+while they are flushed to disk anyway, which keeps the cost to a fraction of the save.
 
 These checkpoints are for resuming (`resume_from_checkpoint: latest`); the model to use is the final folder.
 """
@@ -27,11 +29,11 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from ..outputs import write_json
-from ..stage_folder import read_trainer_state, write_trainer_state
+from ..outputs import NothingToResume, write_json
+from ..stage_folder import manifest_problems, read_trainer_state, write_manifest, write_trainer_state
 
 
-MANIFEST = "checkpoint.json"
+CHECKPOINT_INFO = "checkpoint.json"  # the step and the number of processes; the files are in the manifest
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -40,13 +42,10 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_tree(folder: Path) -> dict[str, int]:
-    """Flush every file under `folder` to disk and return their sizes, so the rename publishes durable data."""
-    sizes = {}
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk, so the rename publishes durable data."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         _fsync(path)
-        sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
-    return sizes
 
 
 def save_checkpoint(
@@ -72,9 +71,9 @@ def save_checkpoint(
     if accelerator.is_main_process:
         tokenizer.save_pretrained(partial)
         write_trainer_state(partial, trainer_state)
-        files = _fsync_tree(partial)
-        write_json(partial / MANIFEST, {"step": step, "num_processes": accelerator.num_processes, "files": files})
-        _fsync(partial / MANIFEST)
+        write_json(partial / CHECKPOINT_INFO, {"step": step, "num_processes": accelerator.num_processes})
+        write_manifest(partial)  # last: a checkpoint with a manifest was complete
+        _fsync_tree(partial)
         if final.exists():  # this step was saved before (a run resumed from it and stopped again at once)
             _delete(final)
         os.replace(partial, final)
@@ -99,25 +98,16 @@ def _numbered(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)), reverse=True)
 
 
-def has_checkpoints(output_dir: Path) -> bool:
-    return output_dir.is_dir() and bool(_numbered(output_dir))
-
-
 def check_checkpoint(folder: Path, num_processes: int) -> str | None:
-    """Why `folder` cannot be resumed from, or None if it looks complete."""
+    """Why `folder` cannot be resumed from (its first damaged file), or None if it is intact."""
+    problems = manifest_problems(folder)
+    if problems:
+        return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files, step = manifest["files"], manifest["step"]
-    except FileNotFoundError:
-        return f"no {MANIFEST} (not written by apex-hf pretrain, or interrupted while saving)"
-    except (ValueError, KeyError, TypeError) as error:
-        return f"unreadable {MANIFEST} ({error})"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        manifest = json.loads((folder / CHECKPOINT_INFO).read_text())
+        step = manifest["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"no readable {CHECKPOINT_INFO} ({error})"
     if manifest["num_processes"] != num_processes:
         raise ValueError(
             f"{folder} (step {step}) was written by {manifest['num_processes']} processes; resume it with as many "
@@ -128,20 +118,25 @@ def check_checkpoint(folder: Path, num_processes: int) -> str | None:
 
 def find_checkpoints(output_dir: Path, requested: str, num_processes: int, say) -> list[Path]:
     """Checkpoints to try, best first: `requested` itself (a folder, which must be complete), or for "latest" every
-    complete `checkpoint-<step>` of `output_dir`, newest first, after saying why each damaged one is skipped."""
+    complete `checkpoint-<step>` of `output_dir`, newest first, after saying why each damaged one is skipped. None at
+    all is `NothingToResume`, listing what was found and why each was rejected: never a silent fresh start."""
     if requested != "latest":
         folder = Path(requested)
         problem = check_checkpoint(folder, num_processes) if folder.is_dir() else "no such folder"
         if problem:
             raise ValueError(f"resume_from_checkpoint={requested!r}: cannot resume from it: {problem}")
         return [folder]
-    usable = []
+    usable, rejected = [], []
     for folder in _numbered(output_dir) if output_dir.is_dir() else []:
         problem = check_checkpoint(folder, num_processes)
         if problem:
             say(f"skipping {folder}: {problem}")
+            rejected.append(f"{folder.name}: {problem}")
         else:
             usable.append(folder)
+    if not usable:
+        found = "; ".join(rejected) if rejected else "no checkpoint-<step> folder"
+        raise NothingToResume(f"--resume: no usable checkpoint in {output_dir} (found {found})")
     return usable
 
 
@@ -198,10 +193,14 @@ class StopRequest:
 
 
 class TrainingStopped(RuntimeError):
-    """Raised after the checkpoint that a SIGTERM asked for is written."""
+    """Raised after the checkpoint that a SIGTERM asked for is written. An `--overwrite` run is not resumable (its
+    work folder is discarded, the old folder stays as it was), and says so."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(
-            f"stopped by SIGTERM after step {step}; saved {checkpoint}. Run again with --resume to continue."
+    def __init__(self, step: int, checkpoint: Path, resumable: bool = True):
+        then = (
+            f"saved {checkpoint}. Run again with --resume to continue."
+            if resumable
+            else "the --overwrite run was discarded, the output folder is as it was; run it again to replace it."
         )
+        super().__init__(f"stopped by SIGTERM after step {step}; {then}")
         self.step, self.checkpoint = step, checkpoint

@@ -38,7 +38,6 @@ from ..recipe import (
     numbers_in,
     read_recipe,
 )
-from .checkpoint import has_checkpoints
 
 
 SCHEDULERS = ("cosine", "wsd")
@@ -340,11 +339,6 @@ class PretrainConfig:
             "set with data.streaming (a streamed held-out set is read up to it)",
         )
         self._check_tokenizer()
-        if self.resume_from_checkpoint is None and has_checkpoints(Path(self.output_dir)):
-            raise ValueError(
-                f"output_dir={self.output_dir!r} holds checkpoints of an earlier run: continue it with --resume "
-                f"(resume_from_checkpoint: latest), or choose another output_dir"
-            )
         try:
             limit = self.model_config().max_trained_length
         except ValueError as error:  # ApexConfigError: the preset or checkpoint with model.overrides applied

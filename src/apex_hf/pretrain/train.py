@@ -12,12 +12,16 @@ A run has torchtitan's trainer's shape: `PretrainRun.build` sets it up from the 
 steps), and `finish` writes the stage folder. What it logs is in one `TrainingLog` (`apex_hf.pretrain.log`).
 
 `output_dir` is a stage folder (`apex_hf.stage_folder`): the model and tokenizer (`save_pretrained`),
-`trainer_state.json`, `stage_summary.json` and a model card. The `checkpoint-<step>` folders written every
-`save_steps` and on SIGTERM are training states to resume from (`apex_hf.pretrain.checkpoint`).
+`trainer_state.json`, `stage_summary.json`, a model card and the manifest. The `checkpoint-<step>` folders written
+every `save_steps` and on SIGTERM are training states to resume from (`apex_hf.pretrain.checkpoint`). What the run
+does with an `output_dir` that already holds something is `apex_hf.outputs.check_output_dir`'s rule, checked before
+anything is loaded; the finished files are staged next to it and moved in at the end (`apex_hf.outputs.RunFolder`),
+so a failure leaves the folder as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -34,8 +38,9 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from ..counting import ApexCount, count, peak_flops_per_device
+from ..outputs import NothingToResume, RunFolder
 from ..recipe import is_hub_repo_id
-from ..stage_folder import write_summary, write_trainer_state
+from ..stage_folder import check_model_folder, write_summary, write_trainer_state
 from .build import build_batches, build_model, build_tokenizer, make_accelerator, prepare_training
 from .checkpoint import StopRequest, TrainingStopped, find_checkpoints, restore_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_pretrain_config
@@ -43,24 +48,45 @@ from .data import PackedBatches, load_documents, make_batch
 from .log import TrainingLog
 
 
-def pretrain(config_path: str | Path, overrides: list[str] | None = None) -> Path:
+def pretrain(config_path: str | Path, overrides: list[str] | None = None, overwrite: bool = False) -> Path:
     """`apex-hf pretrain --config FILE [--key value ...]`: read and check the recipe, then run it."""
-    return run_pretrain(load_pretrain_config(config_path, overrides))
+    return run_pretrain(load_pretrain_config(config_path, overrides), overwrite=overwrite)
 
 
-def run_pretrain(config: PretrainConfig) -> Path:
-    """Train as `config` says and return `output_dir` (see the module docstring for what it holds). Raises
+def run_pretrain(config: PretrainConfig, overwrite: bool = False) -> Path:
+    """Train as `config` says and return `output_dir` (see the module docstring for what it holds); an `output_dir`
+    that holds a run is continued with `resume_from_checkpoint` or replaced with `overwrite`, else refused. Raises
     `TrainingStopped` after saving a checkpoint when a SIGTERM arrives."""
-    run = PretrainRun.build(config)
-    run.train()
-    return run.finish()
+    folder = RunFolder.open(config.output_dir, resume=resumes_in_place(config), overwrite=overwrite)
+    if config.model.name_or_path:
+        check_model_folder(config.model.name_or_path)
+    try:
+        run = PretrainRun.build(config, folder)
+        run.train()
+        return run.finish()
+    except TrainingStopped as stopped:
+        folder.discard()
+        if folder.work != folder.final:
+            raise TrainingStopped(stopped.step, stopped.checkpoint, resumable=False) from None
+        raise
+    except BaseException:
+        folder.discard()
+        raise
+
+
+def resumes_in_place(config: PretrainConfig) -> bool:
+    """Whether the run continues a run of its own `output_dir` (`latest`, or a checkpoint folder inside it)."""
+    requested = config.resume_from_checkpoint
+    return requested == "latest" or (requested is not None and Path(requested).parent == Path(config.output_dir))
 
 
 @dataclass
 class PretrainRun:
-    """One pre-training run: what it trains, on what, and where it stands."""
+    """One pre-training run: what it trains, on what, and where it stands. Its `config.output_dir` is the run's
+    work folder (`RunFolder.work`: the output folder, or with `--overwrite` a hidden one next to it)."""
 
     config: PretrainConfig
+    folder: RunFolder
     accelerator: Accelerator
     tokenizer: Any
     model: torch.nn.Module  # prepared by Accelerate
@@ -86,10 +112,12 @@ class PretrainRun:
         self.use_router_logits = model_config.num_experts > 0 and model_config.router_aux_loss_coef > 0
 
     @classmethod
-    def build(cls, config: PretrainConfig) -> PretrainRun:
+    def build(cls, config: PretrainConfig, folder: RunFolder) -> PretrainRun:
         """Set up: the processes, the data, the tokenizer (a resumed run's own), the model and its optimizer, then the
         state of the checkpoint a resumed run continues from."""
         started = time.perf_counter()
+        config = copy.copy(config)  # the caller's config keeps its output_dir
+        config.output_dir = str(folder.work)
         accelerator = make_accelerator(config)
         say = functools.partial(announce, accelerator)
         resumable = find_resumable(config, accelerator, say)
@@ -113,6 +141,7 @@ class PretrainRun:
             accelerator.init_trackers(Path(config.output_dir).name, config=_hparams(dataclasses.asdict(config)))
         return cls(
             config=config,
+            folder=folder,
             accelerator=accelerator,
             tokenizer=tokenizer,
             model=model,
@@ -199,21 +228,25 @@ class PretrainRun:
         return folder
 
     def finish(self) -> Path:
-        """The stage folder: model, tokenizer and log history, then the summary (last: the stage is done) and the
-        model card. Returns it."""
-        config, accelerator = self.config, self.accelerator
-        save(accelerator, self.model, self.tokenizer, self.output_dir, self.log.trainer_state(config.max_steps))
+        """The stage folder: model, tokenizer, log history, model card and summary, staged and then published with
+        the manifest (`RunFolder.publish`). Returns it."""
+        config, accelerator, final = self.config, self.accelerator, self.folder.final
+        if accelerator.is_main_process:
+            self.folder.new_staging()
+        accelerator.wait_for_everyone()
+        save(accelerator, self.model, self.tokenizer, self.folder.staging, self.log.trainer_state(config.max_steps))
         summary = self.summary()
         if accelerator.is_main_process:
-            write_summary(self.output_dir, summary)
-            write_model_card(config, summary, self.output_dir)
+            write_model_card(config, summary, self.folder.staging, final.name)
+            write_summary(self.folder.staging, summary)
+            self.folder.publish()
             mfu_text = f", MFU {summary['mfu']:.1f}%" if summary["mfu"] is not None else ""
             self.say(
                 f"done in {summary['wall_seconds']:.0f}s: {summary['num_input_tokens_seen']:,} tokens at "
-                f"{summary['train_tokens_per_second']:,.0f} tokens/s{mfu_text}; saved to {self.output_dir}"
+                f"{summary['train_tokens_per_second']:,.0f} tokens/s{mfu_text}; saved to {final}"
             )
         accelerator.end_training()
-        return self.output_dir
+        return final
 
     def summary(self) -> dict[str, Any]:
         config, log = self.config, self.log
@@ -234,7 +267,7 @@ class PretrainRun:
             "num_active_parameters": self.counts.active,
             "train_flops_per_token": self.counts.train_flops_per_token,
             "num_processes": self.accelerator.num_processes,
-            "config": dataclasses.asdict(config),
+            "config": {**dataclasses.asdict(config), "output_dir": str(self.folder.final)},
         }
 
 
@@ -247,10 +280,7 @@ def find_resumable(config: PretrainConfig, accelerator: Accelerator, say: Callab
     if not config.resume_from_checkpoint:
         return []
     output_dir = Path(config.output_dir)
-    resumable = find_checkpoints(output_dir, config.resume_from_checkpoint, accelerator.num_processes, say)
-    if not resumable:
-        say(f"no complete checkpoint in {output_dir}: starting at step 0")
-    return resumable
+    return find_checkpoints(output_dir, config.resume_from_checkpoint, accelerator.num_processes, say)
 
 
 def restore(
@@ -266,8 +296,8 @@ def restore(
         return 0, [], 0.0
     loaded = restore_checkpoint(accelerator, resumable, say)
     if loaded is None:  # a failed load may have overwritten part of the model: starting over would be wrong
-        raise RuntimeError(
-            f"none of the checkpoints in {Path(config.output_dir)} could be loaded (see the messages above)"
+        raise NothingToResume(
+            f"--resume: none of the checkpoints in {Path(config.output_dir)} could be loaded (why: the messages above)"
         )
     folder, trainer_state, data_state = loaded
     train_batches.load_state_dict(data_state)
@@ -327,7 +357,9 @@ def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dic
     accelerator.wait_for_everyone()
 
 
-def write_model_card(config: PretrainConfig, summary: dict[str, Any], directory: Path) -> None:
+def write_model_card(config: PretrainConfig, summary: dict[str, Any], directory: Path, name: str) -> None:
+    """`README.md` in `directory` for the model folder called `name` (the card is written before the folder has its
+    final name)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     hub_datasets = sorted(
@@ -336,7 +368,7 @@ def write_model_card(config: PretrainConfig, summary: dict[str, Any], directory:
     data = ModelCardData(library_name="transformers", tags=["apex", "pretraining"], datasets=hub_datasets or None)
     origin = f"the `{config.model.preset}` preset" if config.model.preset else f"`{config.model.name_or_path}`"
     lines = [
-        f"# {directory.name}",
+        f"# {name}",
         "",
         f"An Apex causal language model (mixture of experts + iterative refinement) pre-trained from {origin} with "
         f"`apex-hf pretrain`: {config.max_steps} steps, {summary['num_input_tokens_seen']:,} tokens in rows of "
@@ -354,8 +386,8 @@ def write_model_card(config: PretrainConfig, summary: dict[str, Any], directory:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         "# trust_remote_code runs the Apex code saved with the weights (or `import apex_hf` where it is installed)",
-        f'model = AutoModelForCausalLM.from_pretrained("{directory.name}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{directory.name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
         "```",
     ]
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").save(directory / "README.md")
