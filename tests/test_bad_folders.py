@@ -21,11 +21,12 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from apex_hf import cli
-from apex_hf.outputs import NothingToResume, OutputExists, atomic_output_dir, check_output_dir
+from apex_hf.outputs import OutputExists, atomic_output_dir, check_output_dir
 from apex_hf.stage_folder import (
     MANIFEST_FILE,
     SUMMARY_FILE,
     DamagedFolder,
+    NothingToResume,
     check_model_folder,
     verify_folder,
     write_manifest,

@@ -19,7 +19,6 @@ Every error names the folder, what it holds and the flag to use. `--resume` exis
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -28,12 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
-
-def write_json(path: Path, value: Any) -> None:
-    """Indented, one value per line; what JSON cannot hold (a path, a dtype) is written as its text."""
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+from .stage_folder import MANIFEST_FILE, SUMMARY_FILE, NothingToResume, write_manifest
 
 
 class Holds(Enum):
@@ -48,13 +43,8 @@ class OutputExists(FileExistsError):
     """The output folder holds work the command would overwrite, and no flag said what to do with it."""
 
 
-class NothingToResume(ValueError):
-    """`--resume` named a folder with no run to continue."""
-
-
 def folder_holds(folder: str | Path) -> tuple[Holds, str]:
     """What `folder` holds and, for the error messages, in words."""
-    from .stage_folder import MANIFEST_FILE, SUMMARY_FILE  # stage_folder imports this module
 
     folder = Path(folder)
     if not folder.exists():
@@ -123,7 +113,6 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
     """Yield a hidden staging folder next to `output_dir`; when the block ends cleanly, write its manifest and put it
     at `output_dir` (`replace_folder`); delete it when the block raises, leaving `output_dir` as it was. Next to it,
     so that the renames stay on one file system and are atomic."""
-    from .stage_folder import write_manifest  # stage_folder imports this module
 
     output_dir = check_new_output_dir(output_dir, overwrite=overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +169,6 @@ class RunFolder:
         """Move the staged files into `work` (the summary last among them), write the manifest, and for
         `--overwrite` put `work` in place of `final`. Main process only, once every process has saved. A crash
         before the summary is moved leaves a partial run, never a finished-looking one."""
-        from .stage_folder import SUMMARY_FILE, write_manifest  # stage_folder imports this module
 
         self.work.mkdir(parents=True, exist_ok=True)
         staged = sorted(self.staging.iterdir(), key=lambda path: path.name == SUMMARY_FILE)

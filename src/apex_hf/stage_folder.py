@@ -21,7 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .outputs import NothingToResume, write_json
+
+class NothingToResume(ValueError):
+    """`--resume` named a folder with no run to continue."""
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Indented, one value per line; what JSON cannot hold (a path, a dtype) is written as its text."""
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
 SUMMARY_FILE = "stage_summary.json"

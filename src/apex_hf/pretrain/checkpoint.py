@@ -29,8 +29,14 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from ..outputs import NothingToResume, write_json
-from ..stage_folder import manifest_problems, read_trainer_state, write_manifest, write_trainer_state
+from ..stage_folder import (
+    NothingToResume,
+    manifest_problems,
+    read_trainer_state,
+    write_json,
+    write_manifest,
+    write_trainer_state,
+)
 
 
 CHECKPOINT_INFO = "checkpoint.json"  # the step and the number of processes; the files are in the manifest

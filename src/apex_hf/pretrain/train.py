@@ -38,9 +38,9 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from ..counting import ApexCount, count, peak_flops_per_device
-from ..outputs import NothingToResume, RunFolder
+from ..outputs import RunFolder
 from ..recipe import is_hub_repo_id
-from ..stage_folder import check_model_folder, write_summary, write_trainer_state
+from ..stage_folder import NothingToResume, check_model_folder, write_summary, write_trainer_state
 from .build import build_batches, build_model, build_tokenizer, make_accelerator, prepare_training
 from .checkpoint import StopRequest, TrainingStopped, find_checkpoints, restore_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_pretrain_config
