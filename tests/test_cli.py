@@ -159,9 +159,8 @@ def test_info_of_another_model_type_a_bad_file_and_a_missing_path(tmp_path, caps
 
 
 def test_info_of_a_saved_config_file_and_a_preset(tmp_path, capsys):
-    from apex_hf.presets import get_preset
-
     from apex_hf import ApexForCausalLM
+    from apex_hf.presets import get_preset
 
     config = get_preset("apex-tiny")
     parameters = f"{sum(p.numel() for p in ApexForCausalLM(config).parameters()):,}"  # the model's own count
