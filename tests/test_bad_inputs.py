@@ -392,6 +392,7 @@ CLI_CASES = [
     (["info", "apex-tiny", "--seq-len", "-5"], ["--seq-len", "-5 is invalid", ">= 1"]),
     (["info", "apex-tiny", "--seq-len", "long"], ["--seq-len", "'long' is not an integer"]),
     (["info", "apex-tiny", "--dtype-bytes", "0"], ["--dtype-bytes", "0 is invalid"]),
+    (["demo", "--threads", "0"], ["--threads", "0 is invalid", ">= 1"]),
     (["info", "apex-tiny", "--bogus"], ["unrecognized arguments: --bogus"]),
     ([], ["the following arguments are required: command"]),
     (["sft"], ["the following arguments are required: --config"]),

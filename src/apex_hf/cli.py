@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from .arguments import at_least
 from .demo import add_demo_arguments
 from .outputs import check_new_output_dir, check_output_dir
 from .pretrain.preprocess import add_preprocess_arguments
@@ -55,21 +56,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse `type`: an integer >= `low`, so that `--seq-len -5` is refused while parsing, naming the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= {low}")
-        return value
-
-    return parse
 
 
 def one_line(error: BaseException) -> str:

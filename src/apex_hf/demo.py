@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .arguments import at_least
 from .stage_folder import read_log_history, read_summary
 
 
@@ -38,7 +39,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--output-dir", default="outputs/apex-small", help="stage folders, report and plot go here")
     parser.add_argument("--resume", action="store_true", help="keep finished stages, resume an unfinished one")
     parser.add_argument("--overwrite", action="store_true", help="replace stage folders of an earlier demo")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, max 8)")
+    parser.add_argument(
+        "--threads", type=at_least(1), default=None, help="torch CPU threads (default: all cores, max 8)"
+    )
     parser.add_argument("--skip-reload", action="store_true", help="skip the fresh-process reload")
     return parser
 
