@@ -33,11 +33,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_apex import ApexConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 try:  # transformers >= 5.23
@@ -1387,10 +1390,7 @@ class ApexModel(ApexPreTrainedModel):
         if low < 0:
             raise ValueError(f"position_ids contains position {low}; positions are >= 0")
         if limit is not None and high >= limit:
-            raise ValueError(
-                f"position_ids contains position {high}, past max_position_embeddings={limit}, and RoPE type "
-                f"{'/'.join(self.config.rope_types)} does not extrapolate"
-            )
+            warn_past_trained_length(f"Position {high} in position_ids", limit, self.config.rope_types)
 
     def _check_cache_passes(self, cache: Cache | None, past_seen_tokens, num_passes: int) -> None:
         """A cache holds one slot per pass that filled it: continued with more passes, the extra passes would attend to
@@ -1408,6 +1408,8 @@ class ApexModel(ApexPreTrainedModel):
             cache.apex_refinement_passes = num_passes
 
     def _check_length(self, total_length: int | torch.Tensor, past_key_values: Cache | None) -> None:
+        """Past `max_position_embeddings`, with a RoPE that does not extrapolate, the model runs on positions it never
+        trained on: a warning, as transformers' models give, not an error (a longer prompt is the caller's choice)."""
         limit = self.config.max_trained_length
         if limit is None:
             return
@@ -1420,11 +1422,7 @@ class ApexModel(ApexPreTrainedModel):
         else:
             what = f"Sequence length {total_length} (cached + new tokens)"
         if total_length > limit:
-            raise ValueError(
-                f"{what} exceeds max_position_embeddings={limit}, "
-                f"and RoPE type {'/'.join(self.config.rope_types)} does not extrapolate; use a shorter input or a "
-                f"RoPE scaling (e.g. rope_type='dynamic', or 'yarn' with a larger max_position_embeddings)"
-            )
+            warn_past_trained_length(what, limit, self.config.rope_types)
 
     def _update_router_biases(self) -> None:
         """Apply the aux-loss-free bias update for the load seen since the previous training forward. Doing it here,
@@ -1521,6 +1519,14 @@ class ApexModel(ApexPreTrainedModel):
                 pointwise = F.kl_div(log_probs(chunks[index]), final_log_probs, log_target=True, reduction="none")
                 readout_kl.append(pointwise.sum(-1))
         return [torch.exp(-torch.cat(k).clamp(min=0)).view(r.shape[:-1]) for k, r in zip(kl, readouts)]
+
+
+def warn_past_trained_length(what: str, limit: int, rope_types: list[str]) -> None:
+    logger.warning_once(
+        f"{what} exceeds max_position_embeddings={limit}, and RoPE type {'/'.join(rope_types)} does not extrapolate: "
+        f"outputs there are unreliable. Use a shorter input or a RoPE scaling (e.g. rope_type='dynamic', or 'yarn' "
+        f"with a larger max_position_embeddings)"
+    )
 
 
 def check_token_tensor(name: str, tensor: torch.Tensor) -> None:

@@ -110,25 +110,41 @@ def test_token_id_out_of_range_is_a_clear_error():
         model(torch.tensor([[5, -1, 3]]))
 
 
-def test_sequence_longer_than_supported_is_a_clear_error():
+def warnings_of(call) -> str:
+    """What `call` logged through the model's logger (`warning_once` logs each message once per process)."""
+    from transformers.testing_utils import CaptureLogger
+
+    from apex_hf.modeling.modeling_apex import logger
+
+    logger.warning_once.cache_clear()
+    with CaptureLogger(logger) as captured:
+        call()
+    return captured.out
+
+
+def test_sequence_longer_than_supported_runs_with_a_warning():
+    """As in transformers' models: past max_position_embeddings a RoPE that does not extrapolate runs and says so."""
     model = build(tiny_config(max_position_embeddings=16))
-    with pytest.raises(ValueError, match="exceeds max_position_embeddings=16"):
-        model(torch.randint(3, 97, (1, 17)))
+    logged = warnings_of(lambda: model(torch.randint(3, 97, (1, 17))))
+    assert "Sequence length 17 (cached + new tokens) exceeds max_position_embeddings=16" in logged
+    assert warnings_of(lambda: model(torch.randint(3, 97, (1, 16)))) == ""
+    positions = warnings_of(lambda: model(torch.randint(3, 97, (1, 3)), position_ids=torch.tensor([[3, 4, 16]])))
+    assert "Position 16 in position_ids exceeds max_position_embeddings=16" in positions
     # A RoPE scaling that extrapolates lifts the limit.
     dynamic = build(tiny_config(max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
-    assert dynamic(torch.randint(3, 97, (1, 40))).logits.shape == (1, 40, 97)
+    assert warnings_of(lambda: dynamic(torch.randint(3, 97, (1, 40)))) == ""
 
 
-def test_static_cache_longer_than_supported_is_refused_before_decoding():
+def test_static_cache_longer_than_supported_warns_before_decoding():
     """A static cache counts its tokens on the device, so the check reads its capacity instead (no sync per step,
     which would break compiled decoding): `generate` sizes it to the positions it will feed."""
     model = build(tiny_config(max_position_embeddings=16, sliding_window=None))
     prompt = torch.randint(3, 97, (1, 5))
     kwargs = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
     # 5 + 12 tokens feed 16 positions (the last new token is not fed back), which the cache is sized to.
-    assert model.generate(prompt, max_new_tokens=12, **kwargs).shape == (1, 17)
-    with pytest.raises(ValueError, match="A static cache of 17 tokens exceeds max_position_embeddings=16"):
-        model.generate(prompt, max_new_tokens=13, **kwargs)
+    assert warnings_of(lambda: model.generate(prompt, max_new_tokens=12, **kwargs)) == ""
+    logged = warnings_of(lambda: model.generate(prompt, max_new_tokens=13, **kwargs))
+    assert "A static cache of 17 tokens exceeds max_position_embeddings=16" in logged
 
 
 @pytest.mark.parametrize(

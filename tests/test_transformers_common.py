@@ -38,12 +38,6 @@ modeling_auto.MODEL_MAPPING_NAMES["apex"] = "ApexModel"
 modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["apex"] = "ApexForCausalLM"
 
 
-_ROPE_LONG_INPUT_REASON = (
-    "runs a rope_type='default' baseline on 1.5 x max_position_embeddings tokens; Apex deliberately raises a "
-    "ValueError past config.max_trained_length instead of extrapolating"
-)
-
-
 class ApexModelTester:
     """Local stand-in for transformers' `CausalLMModelTester` (not shipped in the sdist)."""
 
@@ -98,18 +92,6 @@ class ApexCommonTestBase(ModelTesterMixin, GenerationTesterMixin):
 
     def test_config(self):
         self.config_tester.run_common_tests()
-
-    @unittest.skip(reason=_ROPE_LONG_INPUT_REASON)
-    def test_model_rope_scaling_from_config_0_linear(self):
-        pass
-
-    @unittest.skip(reason=_ROPE_LONG_INPUT_REASON)
-    def test_model_rope_scaling_from_config_1_dynamic(self):
-        pass
-
-    @unittest.skip(reason=_ROPE_LONG_INPUT_REASON)
-    def test_model_rope_scaling_from_config_2_yarn(self):
-        pass
 
 
 class ApexModelTest(ApexCommonTestBase, unittest.TestCase):
