@@ -26,6 +26,7 @@ and at one pass fewer, held-out loss, the share of core passes skipped and batch
 against fixed K).
 
     python scripts/measure_loop.py --steps 1200 --seeds 0 1 --out loop.json   # on a GPU
+    python scripts/measure_loop.py --steps 1200 --seeds 1 --parallel --out loop.json  # variants side by side
     python scripts/measure_loop.py --smoke                                   # seconds, CPU, for the tests
 """
 
@@ -36,7 +37,9 @@ import importlib.util
 import json
 import math
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -328,6 +331,33 @@ def train_variant(variant: Variant, args, scale: Scale, train_stream, windows, s
     return result
 
 
+def train_in_parallel(args, work: Path, models: Path) -> list[dict]:
+    """Every (seed, variant) trained by its own process of this script at once, each saving its model to `models`
+    and its report to `work`; their runs, in the usual order. A failed process ends the measurement with its log."""
+    processes = []
+    for seed in args.seeds:
+        for name in args.variants:
+            out, log = work / f"{name}-seed{seed}.json", work / f"{name}-seed{seed}.log"
+            command = [sys.executable, __file__, *child_arguments(args), "--seeds", str(seed), "--variants", name]
+            command += ["--no-decode", "--models", str(models), "--out", str(out)]
+            with log.open("w") as log_file:
+                processes.append((out, log, subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)))
+    for out, log, process in processes:
+        if process.wait() != 0:
+            raise SystemExit(f"{out.stem} failed (exit status {process.returncode}):\n{log.read_text()[-3000:]}")
+        print(log.read_text(), end="", flush=True)
+    return read_runs([out for out, _, _ in processes])
+
+
+def child_arguments(args) -> list[str]:
+    """The settings a training process of `train_in_parallel` shares with this one."""
+    arguments = ["--steps", str(args.steps), "--lr", str(args.lr), "--packages", *args.packages]
+    arguments += ["--max-megabytes", str(args.max_megabytes), "--device", args.device]
+    if args.override:
+        arguments += ["--override", *(f"{name}={json.dumps(value)}" for name, value in args.override.items())]
+    return arguments + (["--smoke"] if args.smoke else [])
+
+
 def read_runs(paths: list[Path]) -> list[dict]:
     """The runs of earlier `--out` reports, as `train_variant` returned them."""
     runs = [run for path in paths for run in json.loads(path.read_text())["runs"]]
@@ -482,8 +512,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="leave decode speeds out of the exit curve (measure them later, alone: --merge with --models)",
     )
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train every (seed, variant) in its own process at once, then measure decode speeds alone: one GPU "
+        "trains several of these small models faster side by side than one after the other",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on CPU: checks the script")
     args = parser.parse_args(argv)
+    if args.parallel and args.merge:
+        parser.error("--parallel trains, --merge reports earlier runs: one or the other")
     if args.out is not None and args.out.exists():
         parser.error(f"--out {args.out} exists; choose a new path")
     for path in args.merge or []:
@@ -505,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         results = read_runs(args.merge)
         if args.models is not None:
             measure_saved_decode_speeds(results, args.models, windows, torch.device(args.device))
+    elif args.parallel:
+        with tempfile.TemporaryDirectory() as work:
+            models = args.models or Path(work) / "models"
+            results = train_in_parallel(args, Path(work), models)
+            if not args.no_decode:
+                measure_saved_decode_speeds(results, models, windows, torch.device(args.device))
     else:
         results = [
             train_variant(VARIANTS[name], args, scale, train_stream, windows, seed)

@@ -145,7 +145,7 @@ def test_recipe_fields_are_checked(overrides, field):
         ApexConfig(num_refinement_steps=2, max_refinement_steps=4, **overrides)
 
 
-def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
+def import_measure_loop():
     import os
     import sys
 
@@ -154,6 +154,11 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
         import measure_loop
     finally:
         sys.path.pop(0)
+    return measure_loop
+
+
+def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
+    measure_loop = import_measure_loop()
     out = tmp_path / "loop.json"
     assert measure_loop.main(["--smoke", "--out", str(out)]) == 0
     table = capsys.readouterr().out
@@ -175,3 +180,16 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
     assert fewer_passes[0]["passes_skipped"] == pytest.approx(1 / 3)
     assert "exit_curve" in report["rows"][3]  # k3_recipe_memory: the verifier with the memory
     assert "exit_curve" not in report["rows"][0]  # k1: nothing to exit from
+
+
+def test_measure_loop_trains_variants_in_parallel_processes_and_measures_decode_alone(tmp_path, capsys):
+    measure_loop = import_measure_loop()
+    out, models = tmp_path / "loop.json", tmp_path / "models"
+    argv = ["--smoke", "--parallel", "--variants", "k1", "k3_recipe", "--models", str(models), "--out", str(out)]
+    assert measure_loop.main(argv) == 0
+    report = __import__("json").loads(out.read_text())
+    assert [row["variant"] for row in report["rows"]] == ["k1", "k3_recipe"]
+    assert sorted(p.name for p in models.iterdir()) == ["k1-seed0", "k3_recipe-seed0"]  # each process saved its model
+    curve = report["rows"][1]["exit_curve"]
+    assert all(point["decode_tokens_per_s"] > 0 for point in curve)  # measured afterwards, from the saved model
+    assert "decode k3_recipe-seed0" in capsys.readouterr().out
