@@ -6,16 +6,17 @@ its path modulo 10 is 0), so no held-out file was seen in training. Every varian
 same order, with the same optimizer and schedule (AdamW, warm-up then cosine, bf16 autocast on CUDA), through a plain
 PyTorch loop: the loop recipe lives in the model (`ApexConfig.refinement_*`), so nothing here implements it.
 
-Variants (the rows of the table; `--variants` picks some):
+Variants (the rows of the table; `--variants` picks some; ablations run only when named):
     k1                 K = 1, the P + C + D stack once
     k3_plain           K = 3 with verifier and spiral memory, no loop recipe (the model before the recipe)
     k3_recipe          K = 3 with the loop recipe (`LOOP_RECIPE`): what the presets with K > 1 use
     k3_recipe_memory   the recipe plus the spiral memory
     k3_no_exit_loss    the recipe without the exit loss (an ablation)
     k3_sampled         the recipe with 2..4 passes drawn per training step (an ablation)
-    k3_state_norm      the recipe with the loop state normalised after every pass
-    k3_sampled_deeper  the recipe with 3..6 passes drawn per training step, backpropagating through the last 3
-    k3_coda_norm       the recipe with the loop's output normalised before the coda and the exits
+    k3_state_norm      the recipe with the loop state normalised after every pass (an ablation)
+    k3_sampled_deeper  the recipe with 3..6 passes drawn per training step, backpropagating through the last 3 (an
+                       ablation)
+    k3_coda_norm       the recipe with the loop's output normalised before the coda and the exits (an ablation)
     unique_depth       K = 1 with 3 x C unique core layers: the unrolled depth of K = 3, with ~2 x the parameters
     k1_equal_flops     K = 1 trained for as many steps as its FLOPs take to match K = 3's
 
