@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -196,15 +196,31 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
-def newest_intact_checkpoint(output_dir: str | Path, say: Callable[[str], None]) -> Path:
-    """The newest checkpoint of `output_dir` that matches its manifest, after saying why each newer one is skipped;
-    `NothingToResume` listing every checkpoint and why it was rejected when none is intact."""
-    rejected = []
+def first_manifest_problem(folder: Path) -> str | None:
+    """The first file of `folder` that does not match its manifest (and how many more), or None if it is intact."""
+    problems = manifest_problems(folder)
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def intact_checkpoints(
+    output_dir: str | Path,
+    say: Callable[[str], None],
+    problem_of: Callable[[Path], str | None] = first_manifest_problem,
+) -> Iterator[Path]:
+    """The checkpoints of `output_dir` without a problem (`problem_of`), newest first, checked one at a time as they
+    are asked for; says why each one in between is skipped. When none is intact: `NothingToResume`, listing every
+    checkpoint and why it was rejected, never a silent fresh start."""
+    rejected, any_intact = [], False
     for folder in checkpoint_folders(output_dir):
-        problems = manifest_problems(folder)
-        if not problems:
-            return folder
-        say(f"skipping {folder}: {problems[0]}")
-        rejected.append(f"{folder.name}: {problems[0]}")
-    found = "; ".join(rejected) if rejected else "no checkpoint-<step> folder"
-    raise NothingToResume(f"--resume: no usable checkpoint in {output_dir} (found {found})")
+        problem = problem_of(folder)
+        if problem:
+            say(f"skipping {folder}: {problem}")
+            rejected.append(f"{folder.name}: {problem}")
+            continue
+        any_intact = True
+        yield folder
+    if not any_intact:
+        found = "; ".join(rejected) if rejected else "no checkpoint-<step> folder"
+        raise NothingToResume(f"--resume: no usable checkpoint in {output_dir} (found {found})")

@@ -32,7 +32,7 @@ from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 from ..metrics import ApexTrainingStats, console_line
 from ..outputs import RunFolder
 from ..recipe import is_hub_repo_id
-from ..stage_folder import STATE_FILE, check_model_folder, newest_intact_checkpoint, write_manifest, write_summary
+from ..stage_folder import STATE_FILE, check_model_folder, intact_checkpoints, write_manifest, write_summary
 from ..tokenizer import prepare_chat_tokenizer
 from .config import Recipe, load_datasets
 
@@ -198,7 +198,7 @@ def _train_stage(recipe: Recipe, folder: RunFolder) -> Path:
     start = time.perf_counter()
     resume = recipe.args.resume_from_checkpoint
     if resume == "latest":  # the newest intact checkpoint; none is an error, never a silent fresh start
-        resume = str(newest_intact_checkpoint(folder.work, lambda message: print(f"[{recipe.stage}] {message}")))
+        resume = str(next(intact_checkpoints(folder.work, lambda message: print(f"[{recipe.stage}] {message}"))))
     trainer = build_trainer(recipe)
     train_output = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}

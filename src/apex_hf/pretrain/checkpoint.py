@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import threading
@@ -30,8 +29,9 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from ..stage_folder import (
-    NothingToResume,
-    manifest_problems,
+    checkpoint_folders,
+    first_manifest_problem,
+    intact_checkpoints,
     read_trainer_state,
     write_json,
     write_manifest,
@@ -40,7 +40,6 @@ from ..stage_folder import (
 
 
 CHECKPOINT_INFO = "checkpoint.json"  # the step and the number of processes; the files are in the manifest
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 
 def _fsync(path: Path) -> None:
@@ -84,7 +83,7 @@ def save_checkpoint(
             _delete(final)
         os.replace(partial, final)
         if total_limit is not None:
-            for old in _numbered(output_dir)[total_limit:]:
+            for old in checkpoint_folders(output_dir)[total_limit:]:
                 _delete(old)
     accelerator.wait_for_everyone()
     return final
@@ -98,17 +97,11 @@ def _delete(folder: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def _numbered(output_dir: Path) -> list[Path]:
-    """`checkpoint-<step>` folders, newest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)), reverse=True)
-
-
 def check_checkpoint(folder: Path, num_processes: int) -> str | None:
     """Why `folder` cannot be resumed from (its first damaged file), or None if it is intact."""
-    problems = manifest_problems(folder)
-    if problems:
-        return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+    problem = first_manifest_problem(folder)
+    if problem:
+        return problem
     try:
         manifest = json.loads((folder / CHECKPOINT_INFO).read_text())
         step = manifest["step"]
@@ -132,18 +125,7 @@ def find_checkpoints(output_dir: Path, requested: str, num_processes: int, say) 
         if problem:
             raise ValueError(f"resume_from_checkpoint={requested!r}: cannot resume from it: {problem}")
         return [folder]
-    usable, rejected = [], []
-    for folder in _numbered(output_dir) if output_dir.is_dir() else []:
-        problem = check_checkpoint(folder, num_processes)
-        if problem:
-            say(f"skipping {folder}: {problem}")
-            rejected.append(f"{folder.name}: {problem}")
-        else:
-            usable.append(folder)
-    if not usable:
-        found = "; ".join(rejected) if rejected else "no checkpoint-<step> folder"
-        raise NothingToResume(f"--resume: no usable checkpoint in {output_dir} (found {found})")
-    return usable
+    return list(intact_checkpoints(output_dir, say, lambda folder: check_checkpoint(folder, num_processes)))
 
 
 def restore_checkpoint(accelerator: Accelerator, candidates: list[Path], say) -> tuple[Path, dict, dict] | None:
