@@ -49,6 +49,7 @@ print("heavy:", sorted(name for name in {HEAVY_MODULES!r} if name in sys.modules
         ["convert", "--help"],
         ["upcycle", "--help"],
         ["demo", "--help"],
+        ["eval", "--help"],
         ["preprocess", "--help"],
         ["presets"],
     ],

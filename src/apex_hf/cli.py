@@ -5,7 +5,8 @@ training stage (`--field value` overrides the file). `pipeline FILE`: the stages
 adapter into its base model. `convert SRC OUT`: a Llama / Qwen3 / Qwen3-MoE / Mixtral / DeepSeek-V3 / Gemma 3 /
 GPT-OSS / GLM-4 checkpoint as Apex; `export SRC OUT --to FAMILY`: back; `upcycle SRC OUT`: dense -> MoE and / or
 single pass -> refinement loop, outputs unchanged. `preprocess INPUT... --output OUT`: clean, filter and
-deduplicate pre-training text (datatrove). `demo`: the CPU demo. `verify FOLDER`: check a folder against its manifest.
+deduplicate pre-training text (datatrove). `demo`: the CPU demo. `eval FOLDER --tasks ...`: lm-eval-harness on a
+saved model (`apex_hf.harness`; the `eval` extra). `verify FOLDER`: check a folder against its manifest.
 A command refuses an output folder that already holds something unless `--resume` or `--overwrite` says what to do
 with it (`apex_hf.outputs.check_output_dir`), before it loads anything. Training commands run the same under
 `accelerate launch` (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m apex_hf.cli sft --config ...`).
@@ -349,6 +350,56 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="a saved model folder (config.json, weights, tokenizer), loaded as remote code")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        help="lm-eval task names: apex_demo_answers (generation), apex_demo_answers_loglik (log-likelihood), or any"
+        " lm-eval task whose data set this machine has (e.g. arc_easy)",
+    )
+    parser.add_argument("--limit", type=at_least(1), default=None, help="rows per task (default: all)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass (default 8)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0 (default cpu)")
+    parser.add_argument("--num-fewshot", type=at_least(0), default=None, help="default: each task's own")
+    parser.add_argument(
+        "--no-chat-template", action="store_true", help="plain-text prompts (a base model without a chat template)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="JSONL file of {prompt, answer} rows for the local tasks (default: the repository's"
+        " data/demo/grpo_test.jsonl)",
+    )
+    parser.add_argument("--output", default=None, help="new JSON file for lm-eval's results (never overwritten)")
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .harness import check_new_results_file, results_table, run_lm_eval, write_results
+
+    if args.output is not None:
+        check_new_results_file(args.output)  # before the model loads and the evaluation runs
+    results = run_lm_eval(
+        args.folder,
+        args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        apply_chat_template=not args.no_chat_template,
+        num_fewshot=args.num_fewshot,
+        data=args.data,
+    )
+    print(results_table(results))
+    if args.output is not None:
+        print(f"apex-hf eval: wrote {write_results(results, args.output)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # verify
 
 
@@ -403,6 +454,9 @@ COMMANDS: dict[str, Command] = {
         _preprocess,
     ),
     "demo": Command("the whole pipeline on a small Apex, on CPU, in minutes", add_demo_arguments, _demo),
+    "eval": Command(
+        "evaluate a saved model with lm-eval-harness (local answer tasks or lm-eval's own)", _eval_arguments, _eval
+    ),
     "verify": Command("check a folder's files against its manifest (SHA-256 and size)", _verify_arguments, _verify),
 }
 
