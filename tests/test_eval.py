@@ -40,7 +40,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_tokenizer, tmp_path_factory):
-    """A saved tiny plain Apex with the ChatML template (as a stage after SFT saves it): remote code for lm-eval."""
+    """A saved tiny plain Apex with the ChatML template (as a stage after SFT saves it): remote code for lm-eval.
+
+    The output (and input) rows of `<|im_end|>` and ` clause`, a token the random model often writes, are swapped, so
+    that some greedy replies end their turn early and others run to the token limit, as a trained model's would."""
     import torch
     from tiny_configs import tiny_config
     from transformers import AutoTokenizer
@@ -53,6 +56,10 @@ def chat_model(tiny_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     model = ApexForCausalLM(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256))
     prepare_chat_tokenizer(tokenizer, model)
+    swap = tokenizer.convert_tokens_to_ids(["<|im_end|>", "Ġclause"])
+    with torch.no_grad():
+        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):  # untied
+            embedding.weight[swap] = embedding.weight[swap[::-1]]
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -81,7 +88,7 @@ def eval_error(argv: list[str], capsys) -> str:
 def test_eval_of_both_local_tasks_prints_the_table_and_writes_the_metrics(chat_model, data_file, tmp_path, capsys):
     output = tmp_path / "results.json"
     tasks = ["apex_demo_answers", "apex_demo_answers_loglik"]
-    argv = ["eval", str(chat_model), "--tasks", *tasks, "--limit", "4", "--data", str(data_file)]
+    argv = ["eval", str(chat_model), "--tasks", ",".join(tasks), "--limit", "4", "--data", str(data_file)]
     assert main([*argv, "--batch-size", "2", "--output", str(output)]) == 0
 
     printed = capsys.readouterr().out
@@ -110,6 +117,8 @@ def test_apex_demo_answers_agrees_with_generation_accuracy(chat_model, data_file
     accuracy, completions = generation_accuracy(model, tokenizer, ROWS)
 
     assert [sample["filtered_resps"][0] for sample in samples] == completions
+    lengths = {len(tokenizer(completion)["input_ids"]) for completion in completions}
+    assert min(lengths) < 20 and max(lengths) >= 20  # some replies ended their turn, others ran to the limit
     assert metric_summary(results)["apex_demo_answers"]["exact_match"] == accuracy
 
 
@@ -155,6 +164,16 @@ def test_a_row_needs_one_user_message():
 def test_a_missing_folder_and_a_folder_without_config(tmp_path, capsys):
     assert "model folder " in eval_error([str(tmp_path / "missing"), "--tasks", "apex_demo_answers"], capsys)
     assert "has no config.json" in eval_error([str(tmp_path), "--tasks", "apex_demo_answers"], capsys)
+
+
+def test_a_limit_below_one_row(chat_model, capsys):
+    from apex_hf.harness import run_lm_eval
+
+    assert "argument --limit: 0 is invalid: must be >= 1" in eval_error(
+        [str(chat_model), "--tasks", "apex_demo_answers", "--limit", "0"], capsys
+    )
+    with pytest.raises(ValueError, match="limit must be a number of rows .* got -0.5"):
+        run_lm_eval(chat_model, ["apex_demo_answers"], limit=-0.5)
 
 
 def test_a_folder_that_no_longer_matches_its_manifest(chat_model, tmp_path, capsys):

@@ -359,8 +359,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--tasks",
         nargs="+",
         required=True,
-        help="lm-eval task names: apex_demo_answers (generation), apex_demo_answers_loglik (log-likelihood), or any"
-        " lm-eval task whose data set this machine has (e.g. arc_easy)",
+        help="lm-eval task names, separated by spaces or commas: apex_demo_answers (generation),"
+        " apex_demo_answers_loglik (log-likelihood), or any lm-eval task whose data set this machine has"
+        " (e.g. arc_easy)",
     )
     parser.add_argument("--limit", type=at_least(1), default=None, help="rows per task (default: all)")
     parser.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass (default 8)")
@@ -383,9 +384,10 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.output is not None:
         check_new_results_file(args.output)  # before the model loads and the evaluation runs
+    tasks = [task for argument in args.tasks for task in argument.split(",") if task]  # lm-eval's own CLI: commas
     results = run_lm_eval(
         args.folder,
-        args.tasks,
+        tasks,
         limit=args.limit,
         batch_size=args.batch_size,
         device=args.device,
