@@ -43,7 +43,8 @@ def chat_model(tiny_tokenizer, tmp_path_factory):
     """A saved tiny plain Apex with the ChatML template (as a stage after SFT saves it): remote code for lm-eval.
 
     The output (and input) rows of `<|im_end|>` and ` clause`, a token the random model often writes, are swapped, so
-    that some greedy replies end their turn early and others run to the token limit, as a trained model's would."""
+    that some greedy replies end their turn early and others run to the token limit, as a trained model's would;
+    those of `7` and `ssi`, another, so that replies hold numbers to score."""
     import torch
     from tiny_configs import tiny_config
     from transformers import AutoTokenizer
@@ -56,10 +57,11 @@ def chat_model(tiny_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     model = ApexForCausalLM(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256))
     prepare_chat_tokenizer(tokenizer, model)
-    swap = tokenizer.convert_tokens_to_ids(["<|im_end|>", "Ġclause"])
     with torch.no_grad():
-        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):  # untied
-            embedding.weight[swap] = embedding.weight[swap[::-1]]
+        for pair in (["<|im_end|>", "Ġclause"], ["7", "ssi"]):
+            swap = tokenizer.convert_tokens_to_ids(pair)
+            for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):  # untied
+                embedding.weight[swap] = embedding.weight[swap[::-1]]
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -102,24 +104,35 @@ def test_eval_of_both_local_tasks_prints_the_table_and_writes_the_metrics(chat_m
     assert {task: samples[task]["effective"] for task in tasks} == dict.fromkeys(tasks, 4)
 
 
-def test_apex_demo_answers_agrees_with_generation_accuracy(chat_model, data_file):
+def test_apex_demo_answers_agrees_with_generation_accuracy(chat_model, tmp_path):
     """Same completions (greedy, 24 new tokens, the chat template, no added BOS, stop at the end of the turn) and
-    same accuracy, though lm-eval batches and left-pads the rows differently."""
+    same accuracy, though lm-eval batches and left-pads the rows differently. The rows' answers are the model's own
+    final answers for every other row and wrong for the rest, so that the accuracy is neither 0 nor 1."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from apex_hf.evaluation import generation_accuracy
-    from apex_hf.harness import metric_summary, run_lm_eval
+    from apex_hf.harness import answer_accuracy, metric_summary, run_lm_eval
+    from apex_hf.posttrain.rewards import extract_answer
+
+    model = AutoModelForCausalLM.from_pretrained(chat_model)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    _, completions = generation_accuracy(model, tokenizer, ROWS)
+    rows = [
+        {**row, "answer": (extract_answer(completion) or "-1") if i % 2 == 0 else "-1"}
+        for i, (row, completion) in enumerate(zip(ROWS, completions))
+    ]
+    data_file = tmp_path / "own_answers.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    accuracy, _ = generation_accuracy(model, tokenizer, rows)
 
     results = run_lm_eval(chat_model, ["apex_demo_answers"], data=data_file, batch_size=4, log_samples=True)
     samples = sorted(results["samples"]["apex_demo_answers"], key=lambda sample: sample["doc_id"])
-    model = AutoModelForCausalLM.from_pretrained(chat_model)
-    tokenizer = AutoTokenizer.from_pretrained(chat_model)
-    accuracy, completions = generation_accuracy(model, tokenizer, ROWS)
-
     assert [sample["filtered_resps"][0] for sample in samples] == completions
     lengths = {len(tokenizer(completion)["input_ids"]) for completion in completions}
     assert min(lengths) < 20 and max(lengths) >= 20  # some replies ended their turn, others ran to the limit
+    assert 0 < accuracy < 1
     assert metric_summary(results)["apex_demo_answers"]["exact_match"] == accuracy
+    assert answer_accuracy(chat_model, data_file) == accuracy  # what the demo's accuracy column reads
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -205,3 +205,10 @@ def write_results(results: dict, path: str | Path) -> Path:
     with open(path, "x", encoding="utf-8") as file:  # "x": fails rather than overwrite a file made meanwhile
         file.write(text + "\n")
     return path
+
+
+def answer_accuracy(folder: str | Path, data: str | Path, *, batch_size: int = 8, device: str = "cpu") -> float:
+    """The `apex_demo_answers` exact match of the saved model `folder` on the JSONL rows of `data`: the demo's held-out
+    answer accuracy, measured by lm-eval (equal to `evaluation.generation_accuracy` on the same rows)."""
+    results = run_lm_eval(folder, ["apex_demo_answers"], data=data, batch_size=batch_size, device=device)
+    return metric_summary(results)["apex_demo_answers"]["exact_match"]
