@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from apex_hf.answer_task import answer_choices, answer_index, doc_to_text, proce
 from apex_hf.cli import main
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 ROWS = [
     {"prompt": [{"role": "user", "content": "Compute 5 + 13."}], "answer": "18"},
     {"prompt": [{"role": "user", "content": "Calculate 11 - 11."}], "answer": "0"},
@@ -163,6 +165,12 @@ def test_the_loglik_choices_are_the_boxed_answer_and_its_nearest_integers():
         answer_choices({**ROWS[0], "answer": "3/4"})
 
 
+def test_the_default_data_is_the_demo_test_file_of_the_repository():
+    from apex_hf.harness import answer_data_file
+
+    assert answer_data_file(None) == (REPO_ROOT / "data" / "demo" / "grpo_test.jsonl").resolve()
+
+
 def test_a_row_needs_one_user_message():
     assert doc_to_text(ROWS[0]) == "Compute 5 + 13."
     two_turns = {"prompt": [{"role": "system", "content": "Be brief."}, *ROWS[0]["prompt"]], "answer": "18"}
@@ -217,6 +225,22 @@ def test_an_existing_output_file_is_refused_and_kept(chat_model, tmp_path, capsy
 def test_a_missing_data_file(chat_model, tmp_path, capsys):
     argv = [str(chat_model), "--tasks", "apex_demo_answers", "--data", str(tmp_path / "none.jsonl")]
     assert f"data file {tmp_path / 'none.jsonl'} not found" in eval_error(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{", "line 2 is not JSON"),
+        ('{"prompt": [{"role": "user", "content": "1 + 1?"}]}', "line 2: a row needs an `answer` field"),
+        ('{"prompt": "1 + 1?", "answer": "2"}', "line 2: an answer-task row needs `prompt` = one user message"),
+    ],
+    ids=["not JSON", "no answer", "prompt not a conversation"],
+)
+def test_a_bad_data_row_is_named_by_its_line(chat_model, tmp_path, line, message, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
+    argv = [str(chat_model), "--tasks", "apex_demo_answers", "--data", str(data)]
+    assert f"{data} {message}" in eval_error(argv, capsys)
 
 
 def test_without_lm_eval_the_error_names_the_extra(chat_model, monkeypatch, capsys):

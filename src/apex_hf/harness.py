@@ -53,18 +53,41 @@ def check_limit(limit: int | float | None) -> None:
 
 
 def answer_data_file(data: str | Path | None) -> Path:
-    """The JSONL file the local tasks read: `data`, else the repository's demo test file."""
-    if data is None:
-        if not DEFAULT_DATA.is_file():
-            raise FileNotFoundError(
-                f"the local tasks' default data {DEFAULT_DATA} is absent (it ships with the repository, not the"
-                " package): pass the JSONL file of prompt / answer rows (--data FILE)"
-            )
-        return DEFAULT_DATA
-    path = Path(data)
+    """The JSONL file the local tasks read, checked: `data`, else the repository's demo test file."""
+    if data is None and not DEFAULT_DATA.is_file():
+        raise FileNotFoundError(
+            f"the local tasks' default data {DEFAULT_DATA} is absent (it ships with the repository, not the"
+            " package): pass the JSONL file of prompt / answer rows (--data FILE)"
+        )
+    path = DEFAULT_DATA if data is None else Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
+    check_answer_rows(path)
     return path.resolve()
+
+
+def check_answer_rows(path: Path) -> None:
+    """Every line of `path` is a JSON row with one user message as `prompt` and an `answer`: a bad row is named by
+    its line before the model loads, rather than by a data set builder's traceback after."""
+    from .answer_task import doc_to_text
+
+    rows = 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not JSON: {error}") from None
+        if not isinstance(row, dict) or "answer" not in row:
+            raise ValueError(f"{path} line {number}: a row needs an `answer` field, got {line.strip()[:80]}")
+        try:
+            doc_to_text(row)
+        except ValueError as error:
+            raise ValueError(f"{path} line {number}: {error}") from None
+        rows += 1
+    if rows == 0:
+        raise ValueError(f"{path} holds no rows")
 
 
 def write_local_tasks(include_dir: Path, data_file: Path) -> None:
@@ -119,7 +142,9 @@ def run_lm_eval(
     log_samples: bool = False,
 ) -> dict:
     """lm-eval's results dict (`results`, `configs`, ... and `samples` with `log_samples`) for the saved model
-    `folder` on `tasks`. The local tasks read `data` (default: the repository's data/demo/grpo_test.jsonl)."""
+    `folder` on `tasks`. The local tasks read `data` (default: the repository's data/demo/grpo_test.jsonl).
+    lm-eval seeds Python's, NumPy's and torch's random generators (its defaults) before it runs."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # a lone name, not its letters
     check_limit(limit)
     folder = check_model_folder(folder)
     require_lm_eval()
