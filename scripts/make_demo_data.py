@@ -4,16 +4,23 @@ r"""Build the CPU demo's data sets under data/demo/ (deterministic: the same --s
 Every math answer is a short worked line and the result in a box: "What is 23 + 45?" -> "23 + 45 = 68. \boxed{68}".
 
 - arithmetic_corpus.txt: pre-training prose (equations, worked word problems, counting, number facts); documents
-  separated by a blank line. It is mixed with data/tiny_corpus.txt for the pre-training stage.
+  separated by a blank line. The pre-training stage reads it alone.
 - sft_{train,test}.jsonl: chat messages; 60% bare sums and differences, 30% word problems, 10% fixed small talk.
-- dpo_{train,test}.jsonl: conversational preference pairs; rejected is off by a little, unboxed, or rambling.
-- grpo_{train,test}.jsonl: a prompt and the integer answer as a string, for the accuracy reward.
-- lora_{train,test}.jsonl: products of a one-digit and a one- or two-digit number, a skill no earlier file shows.
+- dpo_{train,test}.jsonl: conversational preference pairs; rejected misreads an operand, boxes another number than it
+  worked out, or is off by a little.
+- grpo_{train,test}.jsonl: a prompt and the integer answer as a string, for the accuracy reward; grpo_test.jsonl is
+  also the held-out arithmetic of the demo's answer accuracy (`apex-hf eval`'s `apex_demo_answers` task).
+- lora_{train,test}.jsonl: a number from 2 to 99 times 10 or 100, a skill no earlier file shows (the train file also
+  replays sums and differences);
+  lora_test_questions.jsonl holds the test rows as questions with their answers, for the answer accuracy.
 
-Addition and subtraction use operands 0-20, small enough for a few-million-parameter model to learn in minutes
-(differences are never negative); word problems use operands from 2 so
-that every noun is plural. An unordered operand pair {a, b} belongs to the test split when
-(2 * min(a, b) + max(a, b)) % 10 == 3 (see `is_held_out`); the train files and the corpus never use such a pair.
+Addition and subtraction use one-digit operands (differences are never negative); word problems use operands from 2
+so that every noun is plural. Knowledge comes from pre-training, as in any language model: the corpus states every
+fact. The questions are held out by their wording: the last template of `BARE_QUESTIONS` and of each list of
+`WORD_QUESTIONS` asks every test question and nothing else (`held_out_templates`), so no test question, nor any
+question of its form, is in a train file or the corpus, while the test still covers all the facts (the answer accuracy
+moves by small steps, not by whole facts). A LoRA test number is held out of its train file
+(`is_held_out_multiplicand`).
 
 Usage: python scripts/make_demo_data.py [--out data/demo] [--seed 0]
 """
@@ -27,8 +34,8 @@ from pathlib import Path
 
 
 CORPUS_BYTES = 120_000
-MAX_OPERAND = 20
-COUNT_TO = 199  # counting runs (steps up to 10, 14 numbers long) cover every sum of two operands
+MAX_OPERAND = 9
+COUNT_TO = 199  # counting runs: steps up to 10, 14 numbers long
 SFT_ROWS = {"train": 600, "test": 60}
 DPO_ROWS = {"train": 300, "test": 40}
 GRPO_ROWS = {"train": 300, "test": 64}
@@ -107,14 +114,9 @@ ONES = (
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
-def is_held_out(a: int, b: int) -> bool:
-    """Whether the operand pair {a, b} belongs to the test split (about one pair in ten).
-
-    Symmetric, so 45 + 23 cannot leak a held-out 23 + 45 into train; and spread over every last digit of the sum
-    and the difference (a rule on a + b alone would hold out whole classes of answers).
-    """
-    lo, hi = sorted((a, b))
-    return (2 * lo + hi) % 10 == 3
+def is_held_out_multiplicand(a: int) -> bool:
+    """Whether `a` (times 10 or 100) belongs to the LoRA test split: one number in ten, every last digit."""
+    return (a * 7) % 10 == 3 if a < 10 else (a // 10 + a) % 10 == 3
 
 
 def solve(a: int, op: str, b: int) -> int:
@@ -126,24 +128,31 @@ def worked(a: int, op: str, b: int) -> str:
     return f"{a} {op} {b} = {c}. \\boxed{{{c}}}"
 
 
-def sample_pair(rng: random.Random, op: str, held_out: bool, low: int = 0) -> tuple[int, int]:
+def sample_pair(rng: random.Random, op: str, held_out: bool = False, low: int = 0) -> tuple[int, int]:
+    """Operands for `op`. Sums and differences: any one-digit pair (from `low`). Products, the LoRA skill: a number
+    from 2 to 99, from the test numbers or the train ones (`held_out`), times 10 or 100."""
+    if op != "*":
+        a, b = rng.randint(low, MAX_OPERAND), rng.randint(low, MAX_OPERAND)
+        return (b, a) if op == "-" and a < b else (a, b)
     while True:
-        if op == "*":
-            a, b = rng.randint(2, 9), rng.randint(2, 19)
-        else:
-            a, b = rng.randint(low, MAX_OPERAND), rng.randint(low, MAX_OPERAND)
-            if op == "-" and a < b:
-                a, b = b, a
-        if is_held_out(a, b) == held_out:
+        a, b = rng.randint(2, 99), rng.choice((10, 100))
+        if is_held_out_multiplicand(a) == held_out:
             return a, b
 
 
-def bare_question(rng: random.Random, op: str, a: int, b: int) -> str:
-    return rng.choice(BARE_QUESTIONS).format(a=a, op=op, b=b, word=OP_WORDS[op])
+def held_out_templates(templates: tuple[str, ...], held_out: bool) -> tuple[str, ...]:
+    """The last template of a list asks the test questions; the others ask every question a model trains on."""
+    return templates[-1:] if held_out else templates[:-1]
 
 
-def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
-    return rng.choice(WORD_QUESTIONS[op]).format(a=a, b=b, name=rng.choice(NAMES), obj=rng.choice(OBJECTS))
+def bare_question(rng: random.Random, op: str, a: int, b: int, held_out: bool = False) -> str:
+    template = rng.choice(held_out_templates(BARE_QUESTIONS, held_out))
+    return template.format(a=a, op=op, b=b, word=OP_WORDS[op])
+
+
+def word_problem(rng: random.Random, op: str, a: int, b: int, held_out: bool = False) -> str:
+    template = rng.choice(held_out_templates(WORD_QUESTIONS[op], held_out))
+    return template.format(a=a, b=b, name=rng.choice(NAMES), obj=rng.choice(OBJECTS))
 
 
 def math_problems(rng: random.Random, n: int, ops: str, held_out: bool) -> list[tuple[str, int, str, int]]:
@@ -152,8 +161,10 @@ def math_problems(rng: random.Random, n: int, ops: str, held_out: bool) -> list[
     while len(problems) < n:
         op = rng.choice(ops)
         is_word = len(problems) % 3 == 2
+        # sums and differences: any pair, the wording is held out; products (the LoRA skill): the number is held out
         a, b = sample_pair(rng, op, held_out, low=2 if is_word else 0)
-        question = word_problem(rng, op, a, b) if is_word else bare_question(rng, op, a, b)
+        ask = word_problem if is_word else bare_question
+        question = ask(rng, op, a, b, held_out=held_out and op != "*")
         if question not in seen:
             seen.add(question)
             problems.append((question, a, op, b))
@@ -176,14 +187,17 @@ def sft_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
 
 
 def rejected_answer(rng: random.Random, kind: int, a: int, op: str, b: int) -> str:
-    c, expression = solve(a, op, b), f"{a} {op} {b}"
-    if kind == 0:  # a near miss, consistent in the worked line and the box
-        delta = rng.choice((-3, -2, -1, 1, 2, 3))
-        wrong = c + delta if c + delta >= 0 else c - delta
-        return f"{expression} = {wrong}. \\boxed{{{wrong}}}"
-    if kind == 1:  # right, but without the box the reward and the evaluation look for
-        return f"{expression} = {c}."
-    return f"Let me think. {expression} is {expression}, and {expression} is {expression}, so {expression} is"
+    """A wrong reply of the kinds a small chat model makes, each consistent with itself except where noted."""
+    c = solve(a, op, b)
+    if kind == 0:  # an operand misread from the question (and the result of the misread sum)
+        other = rng.choice([n for n in range(MAX_OPERAND + 1) if n != b and (op == "+" or n <= a)])
+        return worked(a, op, other)
+    if kind == 1:  # the worked line right, the box not
+        wrong = rng.choice([n for n in range(max(c - 3, 0), c + 4) if n != c])
+        return f"{a} {op} {b} = {c}. \\boxed{{{wrong}}}"
+    delta = rng.choice((-3, -2, -1, 1, 2, 3))  # a near miss, consistent in the worked line and the box
+    wrong = c + delta if c + delta >= 0 else c - delta
+    return f"{a} {op} {b} = {wrong}. \\boxed{{{wrong}}}"
 
 
 def dpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
@@ -205,7 +219,19 @@ def grpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
 
 
 def lora_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
-    return [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n, "*", held_out)]
+    """`n` multiplication chats; the train file also replays a third as many sums and differences, so that the adapter
+    adds the skill without the model forgetting the ones it had (without them it answered every sum with a product)."""
+    rows = [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n, "*", held_out)]
+    if not held_out:
+        rows += [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n // 3, "+-", False)]
+        rng.shuffle(rows)
+    return rows
+
+
+def as_question(row: dict) -> dict:
+    """A chat row as a question for the answer accuracy (`apex-hf eval`'s task format): prompt and boxed answer."""
+    user, assistant = row["messages"]
+    return {"prompt": [user], "answer": assistant["content"].rsplit("\\boxed{", 1)[1].rstrip("}")}
 
 
 def number_words(n: int) -> str:
@@ -220,7 +246,7 @@ def number_words(n: int) -> str:
 def practice_doc(rng: random.Random) -> str:
     op = rng.choice("+-")
     title = {"+": "Addition practice.", "-": "Subtraction practice."}[op]
-    pairs = [sample_pair(rng, op, False) for _ in range(rng.randint(5, 8))]
+    pairs = [sample_pair(rng, op) for _ in range(rng.randint(5, 8))]
     return "\n".join([title] + [worked(a, op, b) for a, b in pairs])
 
 
@@ -229,7 +255,7 @@ def training_problems(rng: random.Random, low: int = 0):
     for one problem happen before the next is sampled, which keeps the corpus byte-identical."""
     for _ in range(rng.randint(3, 5)):
         op = rng.choice("+-")
-        yield (op, *sample_pair(rng, op, False, low=low))
+        yield (op, *sample_pair(rng, op, low=low))
 
 
 def word_problems_doc(rng: random.Random) -> str:
@@ -270,9 +296,9 @@ def counting_doc(rng: random.Random) -> str:
 
 def fact_family_doc(rng: random.Random) -> str:
     while True:
-        a, b = sample_pair(rng, "+", False, low=1)
+        a, b = sample_pair(rng, "+", low=1)
         c = a + b
-        if c <= MAX_OPERAND and not is_held_out(c, a) and not is_held_out(c, b):
+        if c <= MAX_OPERAND:
             break
     return (
         f"The numbers {a}, {b} and {c} make a fact family.\n"
@@ -283,9 +309,9 @@ def fact_family_doc(rng: random.Random) -> str:
 
 
 def number_facts_doc(rng: random.Random) -> str:
-    n, m = sample_pair(rng, "-", False, low=1)
+    n, m = sample_pair(rng, "-", low=1)
     while n == m:
-        n, m = sample_pair(rng, "-", False, low=1)
+        n, m = sample_pair(rng, "-", low=1)
     tens, ones = divmod(n, 10)
     return (
         f"The number {n} is written {number_words(n)}.\n"
@@ -315,6 +341,10 @@ def corpus(rng: random.Random, max_bytes: int) -> str:
     return "\n\n".join(docs) + "\n"
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     path.write_text(text, encoding="utf-8", newline="\n")
@@ -340,7 +370,10 @@ def build(out: Path, seed: int) -> list[Path]:
             path = out / f"{stage}_{split}.jsonl"
             write_jsonl(path, make_rows(rng(path.name), n, held_out=split == "test"))
             paths.append(path)
-    return paths
+    # the LoRA test rows again, as questions with their answers: what the demo's answer accuracy reads
+    path = out / "lora_test_questions.jsonl"
+    write_jsonl(path, [as_question(row) for row in read_jsonl(out / "lora_test.jsonl")])
+    return paths + [path]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from apex_hf.demo import REPO_ROOT, add_demo_arguments, format_report, run_demo
+from apex_hf.demo import RELOAD_QUESTIONS, REPO_ROOT, add_demo_arguments, format_report, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,13 @@ def test_the_report_has_every_stage_measured_before_and_after(demo):
         assert row["before"] is not None and row["after"] is not None, row
         assert row["seconds"] > 0
     assert rows["grpo"]["metric"] == "held-out mean reward"
+    assert rows["grpo"]["second_metric"] == "groups without reward variance"
+    assert all(0 <= share <= 1 for share in rows["grpo"]["second"])
+    assert rows["dpo"]["metric"] == "held-out reward accuracy" and rows["dpo"]["second_metric"] == "reward margin"
+    for row in rows.values():
+        assert all(0 <= accuracy <= 1 for accuracy in row["accuracy"] if accuracy is not None), row
     assert rows["lora"]["accuracy_task"] == "multiplication" and len(rows["lora"]["accuracy"]) == 2
+    assert rows["lora"]["kept"][0] == rows["grpo"]["accuracy"][1]  # arithmetic before and after the new skill
     assert rows["sft"]["accuracy"][0] == rows["pretrain"]["accuracy"][1]  # each stage starts where the last ended
     assert json.loads((output_dir / "report.json").read_text())["stages"] == report["stages"]
     table = format_report(report["stages"])
@@ -45,4 +51,8 @@ def test_the_final_model_answers_in_a_process_without_apex_hf(demo):
     _, report = demo
     assert report["reload"]["model_class"].startswith("transformers_modules.")
     assert report["reload"]["model_class"].endswith("modeling_apex.ApexForCausalLM")
-    assert isinstance(report["reload"]["answer"], str)
+    answers = report["reload"]["answers"]
+    assert len(answers) == 2 * RELOAD_QUESTIONS  # held-out arithmetic and the LoRA skill
+    for item in answers:
+        assert isinstance(item["answer"], str) and isinstance(item["right"], bool)
+        assert item["right"] == (f"\\boxed{{{item['reference']}}}" in item["answer"]), item

@@ -21,8 +21,9 @@ ROW_COUNTS = {
     "dpo_test.jsonl": 40,
     "grpo_train.jsonl": 300,
     "grpo_test.jsonl": 64,
-    "lora_train.jsonl": 300,
+    "lora_train.jsonl": 400,
     "lora_test.jsonl": 40,
+    "lora_test_questions.jsonl": 40,
 }
 # the words that give away the operation of a question, bare ("What is 7 minus 3?") or worded
 OP_KEYWORDS = {
@@ -110,19 +111,56 @@ def test_sizes_and_row_counts():
     assert sum(path.stat().st_size for path in SHIPPED.iterdir()) < 410_000
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo", "lora"])
-def test_held_out_pairs(stage):
-    train, test = question_pairs(f"{stage}_train.jsonl"), question_pairs(f"{stage}_test.jsonl")
+def question_templates(name: str, held_out: bool) -> list[str]:
+    templates = list(make_demo_data.held_out_templates(make_demo_data.BARE_QUESTIONS, held_out))
+    for op in "+-":
+        templates += make_demo_data.held_out_templates(make_demo_data.WORD_QUESTIONS[op], held_out)
+    return [re.escape(t).replace(r"\{", "{").replace(r"\}", "}") for t in templates]
+
+
+def asked_by(question: str, templates: list[str]) -> bool:
+    fields = {"a": r"\d+", "b": r"\d+", "op": r"[-+]", "word": r"\w+", "name": r"\w+", "obj": r"\w+"}
+    patterns = [re.sub(r"\{(\w+)\}", lambda m: fields[m[1]], t) for t in templates]
+    return any(re.fullmatch(pattern, question) for pattern in patterns)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
+def test_held_out_wording(stage):
+    held_out, seen = question_templates(stage, True), question_templates(stage, False)
+    chat = dict(make_demo_data.CHAT)
+    for split, templates, others in (("test", held_out, seen), ("train", seen, held_out)):
+        questions = [
+            (row["messages"] if "messages" in row else row["prompt"])[0]["content"]
+            for row in read_rows(f"{stage}_{split}.jsonl")
+        ]
+        questions = [q for q in questions if q not in chat]
+        assert questions and all(asked_by(q, templates) and not asked_by(q, others) for q in questions), split
+    facts = {recompute(row["prompt"][0]["content"])[3] for row in read_rows("grpo_test.jsonl")}
+    assert len(facts) >= 15  # the test covers the facts, not a handful of them
+
+
+def multiplicands(name: str) -> set[int]:
+    """The numbers multiplied by 10 or 100 in a LoRA file, read off the worked replies."""
+    replies = [row["messages"][1]["content"] for row in read_rows(name)]
+    return {int(match[1]) for reply in replies if (match := re.match(r"(\d+) \* (?:10|100) =", reply))}
+
+
+def test_held_out_multiplicands():
+    train, test = multiplicands("lora_train.jsonl"), multiplicands("lora_test.jsonl")
     assert train and test and not train & test
-    assert all(make_demo_data.is_held_out(*pair) for pair in test)
-    assert not any(make_demo_data.is_held_out(*pair) for pair in train)
+    assert all(make_demo_data.is_held_out_multiplicand(a) for a in test)
+    assert not any(make_demo_data.is_held_out_multiplicand(a) for a in train)
+    questions = read_rows("lora_test_questions.jsonl")
+    assert [row["prompt"] for row in questions] == [row["messages"][:1] for row in read_rows("lora_test.jsonl")]
 
 
-def test_corpus_uses_train_pairs_only():
+def test_corpus_asks_in_the_train_wording_only():
     corpus = (SHIPPED / "arithmetic_corpus.txt").read_text(encoding="utf-8")
-    equations = re.findall(r"(\d+) [-+] (\d+) = (\d+)", corpus)
-    assert len(equations) > 1000
-    assert not any(make_demo_data.is_held_out(int(a), int(b)) for a, b, _ in equations)
+    held_out = question_templates("corpus", True)
+    questions = re.findall(r"(?:Question: )?([^\n.?]*(?:\.[^\n.?]*)?\?)", corpus)
+    assert len(questions) > 300
+    for question in questions:
+        assert not asked_by(question.strip(), held_out), question
 
 
 @pytest.mark.parametrize("name", ["sft_train.jsonl", "sft_test.jsonl", "lora_train.jsonl", "lora_test.jsonl"])
