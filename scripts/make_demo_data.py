@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 r"""Build the CPU demo's data sets under data/demo/ (deterministic: the same --seed gives the same bytes).
 
-Every math answer is a short worked line and the result in a box: "What is 23 + 45?" -> "23 + 45 = 68. \boxed{68}".
+Every math answer is a short worked line and the result in a box: "What is 3 + 4?" -> "3 + 4 = 7. \boxed{7}".
 
 - arithmetic_corpus.txt: pre-training prose (equations, worked word problems, counting, number facts); documents
   separated by a blank line. The pre-training stage reads it alone.
