@@ -58,12 +58,6 @@ def _first_and_last(history: list[dict], key: str) -> tuple[float | None, float 
     return (values[0], values[-1]) if values else (None, None)
 
 
-def _accuracy(folder: Path, test_file: Path) -> float:
-    from .harness import answer_accuracy
-
-    return answer_accuracy(folder, test_file)
-
-
 # What each stage optimises, read from its log: (metric, log key, second metric, its log key). DPO's reward accuracy
 # compares the policy with its reference, which it starts as (so it starts near 0); its margin says how far it moved.
 STAGE_METRICS = {
@@ -86,6 +80,8 @@ def stage_metrics(stage: str, history: list[dict]) -> dict:
 def measure(plan) -> list[dict]:
     """One report row per stage: its main metric before → after, and held-out answer accuracy before → after (for
     the LoRA stage, of its new skill, and `kept`: arithmetic before → after, which the adapter must not cost)."""
+    from .harness import answer_accuracy
+
     rows, math_accuracy = [], None
     for planned in plan:
         folder = planned.output_dir
@@ -96,10 +92,10 @@ def measure(plan) -> list[dict]:
         if planned.stage != "pretrain" and planned.recipe.peft is not None:  # a new skill, not arithmetic
             previous = plan[plan.index(planned) - 1].output_dir
             row["accuracy_task"] = "multiplication"
-            row["accuracy"] = [_accuracy(previous, NEW_SKILL_TEST), _accuracy(folder, NEW_SKILL_TEST)]
-            row["kept"] = [math_accuracy, _accuracy(folder, MATH_TEST)]
+            row["accuracy"] = [answer_accuracy(previous, NEW_SKILL_TEST), answer_accuracy(folder, NEW_SKILL_TEST)]
+            row["kept"] = [math_accuracy, answer_accuracy(folder, MATH_TEST)]
         else:
-            after = _accuracy(folder, MATH_TEST)
+            after = answer_accuracy(folder, MATH_TEST)
             row["accuracy_task"] = "arithmetic"
             row["accuracy"] = [math_accuracy, after]
             math_accuracy = after

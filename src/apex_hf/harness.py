@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from .stage_folder import MANIFEST_FILE, verify_folder
+from .stage_folder import check_model_folder
 
 
 LOCAL_TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
@@ -34,15 +34,15 @@ def require_lm_eval() -> None:
         raise ImportError(LM_EVAL_MISSING) from None
 
 
-def check_model_folder(folder: str | Path) -> Path:
-    """A saved model folder: it exists, holds config.json, and matches its manifest when it has one."""
+def check_saved_model(folder: str | Path) -> Path:
+    """A saved model folder: it exists, holds config.json, and passes the manifest check every command that loads a
+    model makes (`stage_folder.check_model_folder`): a half-copied or edited folder is not measured without a word."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} not found (or not a folder)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json (it is not a saved model folder)")
-    if (folder / MANIFEST_FILE).is_file():
-        verify_folder(folder)  # a half-copied or edited folder would be measured without a word otherwise
+    check_model_folder(folder)
     return folder
 
 
@@ -146,7 +146,7 @@ def run_lm_eval(
     lm-eval seeds Python's, NumPy's and torch's random generators (its defaults) before it runs."""
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)  # a lone name, not its letters
     check_limit(limit)
-    folder = check_model_folder(folder)
+    folder = check_saved_model(folder)
     require_lm_eval()
     # without a local task asked for, the local tasks are still indexed (an unknown name's close matches include
     # them) but their data file is never read
