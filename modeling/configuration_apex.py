@@ -32,7 +32,7 @@ MLP_LAYER_TYPES = ("dense", "sparse")
 ROUTER_SCORING = ("softmax", "sigmoid")
 ATTENTION_OUTPUT_GATES = ("none", "headwise", "elementwise")
 MEMORY_INJECTIONS = ("none", "gated_add", "cross_attention")
-REFINEMENT_INPUT_INJECTIONS = ("none", "add", "adapter")
+REFINEMENT_INPUT_INJECTIONS = ("none", "add", "scaled_add", "adapter")
 REFINEMENT_STATE_NORMS = ("none", "every_pass", "before_coda")
 REFINEMENT_SAMPLINGS = ("fixed", "uniform", "poisson")
 # "dynamic" grows its frequencies past the trained length; every other type has a hard maximum position.
@@ -317,7 +317,8 @@ class ApexConfig(PreTrainedConfig):
     Loop training recipe (read by `ApexModel.forward` in training mode, i.e. `model.train()` with gradients on, so
     every trainer gets it; evaluation and generation always run `num_refinement_steps` or the per-call value):
         refinement_input_injection: how the prelude output e re-enters every pass after the first (Huginn's input
-            injection, which keeps the loop anchored to its input): `"none"`, `"add"` (h + e) or `"adapter"`
+            injection, which keeps the loop anchored to its input): `"none"`, `"add"` (h + e), `"scaled_add"`
+            ((h + e) / sqrt(2), which keeps the state's scale from growing with every pass) or `"adapter"`
             (`W [h; e]`, initialised to h + e). With K = 1 it never runs, so conversion parity is unaffected.
         refinement_sampling: passes per training forward: `"fixed"` (num_refinement_steps), `"uniform"` (an integer
             in [refinement_sampling_min, refinement_sampling_max]) or `"poisson"` (1 + Poisson(num_refinement_steps -

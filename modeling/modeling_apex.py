@@ -930,8 +930,11 @@ def score_and_remember(
 
 class ApexInputInjection(nn.Module):
     """Re-injects the prelude output e into every pass after the first (Huginn's input injection): `"add"` gives
-    h + e, `"adapter"` gives `W [h; e]` with W initialised to [I, I], i.e. h + e, free to learn a mix. Without it a
-    pass sees its input only through the previous pass, and the loop can drift from the sequence it reads."""
+    h + e, `"scaled_add"` gives (h + e) / sqrt(2), `"adapter"` gives `W [h; e]` with W initialised to [I, I], i.e.
+    h + e, free to learn a mix. Without it a pass sees its input only through the previous pass, and the loop can
+    drift from the sequence it reads. With `"add"` every pass adds e once more, so the state grows with the number
+    of passes; the 1 / sqrt(2) keeps its scale (h and e are roughly uncorrelated) and lets earlier passes fade
+    geometrically, so the state after more passes than trained looks like the trained one."""
 
     def __init__(self, config: ApexConfig):
         super().__init__()
@@ -942,6 +945,8 @@ class ApexInputInjection(nn.Module):
     def forward(self, hidden_states: torch.Tensor, prelude_output: torch.Tensor) -> torch.Tensor:
         if self.mode == "add":
             return hidden_states + prelude_output
+        if self.mode == "scaled_add":
+            return (hidden_states + prelude_output) * math.sqrt(0.5)
         return F.linear(torch.cat((hidden_states, prelude_output), dim=-1), self.adapter_weight)
 
 

@@ -62,6 +62,9 @@ EXIT_SETTINGS = (
     *((TRAINED_PASSES, t) for t in (0.999, 0.995, 0.99, 0.95, 0.9, 0.7, 0.5)),
     (TRAINED_PASSES - 1, None),
     *((TRAINED_PASSES - 1, t) for t in (0.999, 0.99)),
+    # More passes than trained, each token leaving once its prediction has settled: does the exit make extra test-time
+    # compute safe where fixed extra passes raise the loss? (Skipped shares below 0 mean more passes than trained.)
+    *((2 * TRAINED_PASSES, t) for t in (0.999, 0.99)),
 )
 EXIT_SETTING_KEYS = ("num_refinement_steps", "refinement_exit_threshold")  # how a curve point calls the model
 PROGRESS_EVERY = 200  # training steps between progress lines
@@ -151,6 +154,9 @@ VARIANTS = {
         Variant("k3_state_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="every_pass"), **ABLATION),
         Variant("k3_sampled_deeper", dict(LOOPED, **LOOP_RECIPE, **SAMPLED_DEEPER), **ABLATION),
         Variant("k3_coda_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="before_coda"), **ABLATION),
+        Variant(
+            "k3_scaled_injection", dict(LOOPED, **LOOP_RECIPE, refinement_input_injection="scaled_add"), **ABLATION
+        ),
         Variant("unique_depth", core_multiplier=TRAINED_PASSES),
         # Layers run per token, K = 3 with the recipe (P + 3C + D, and D again for each of the 2 earlier exits)
         # against K = 1 (P + C + D): the step multiplier that equals the recipe's training FLOPs.

@@ -59,7 +59,7 @@ def loop_gradients(model):
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("injection, exit_loss", [("add", 0.0), ("adapter", 0.0), ("add", 1.0)])
+@pytest.mark.parametrize("injection, exit_loss", [("add", 0.0), ("scaled_add", 0.0), ("adapter", 0.0), ("add", 1.0)])
 def test_truncated_backprop_reaches_every_loop_parameter(injection, exit_loss):
     model = build(
         num_refinement_steps=3,
@@ -93,6 +93,18 @@ def test_input_injection_adapter_starts_as_addition_and_never_runs_at_one_pass()
     plain.load_state_dict(added.state_dict())
     assert torch.equal(plain(ids(), num_refinement_steps=1).logits, added(ids(), num_refinement_steps=1).logits)
     assert not torch.allclose(plain(ids()).logits, added(ids()).logits)
+
+
+def test_scaled_injection_keeps_the_state_scale_and_never_runs_at_one_pass():
+    added = build(refinement_input_injection="add").eval()
+    scaled = build(refinement_input_injection="scaled_add").eval()
+    scaled.load_state_dict(added.state_dict())
+    assert torch.equal(added(ids(), num_refinement_steps=1).logits, scaled(ids(), num_refinement_steps=1).logits)
+    assert not torch.allclose(added(ids()).logits, scaled(ids()).logits)
+    state, prelude_output = torch.randn(2, 64, 32), torch.randn(2, 64, 32)  # unit scale, uncorrelated
+    rms = lambda x: x.pow(2).mean().sqrt().item()  # noqa: E731
+    assert rms(added.model.input_injection(state, prelude_output)) == pytest.approx(2**0.5, rel=0.1)
+    assert rms(scaled.model.input_injection(state, prelude_output)) == pytest.approx(1.0, rel=0.1)
 
 
 @pytest.mark.parametrize("state_norm", ["none", "every_pass", "before_coda"])
