@@ -155,7 +155,7 @@ VARIANTS = {
         Variant("k3_sampled_deeper", dict(LOOPED, **LOOP_RECIPE, **SAMPLED_DEEPER), **ABLATION),
         Variant("k3_coda_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="before_coda"), **ABLATION),
         Variant(
-            "k3_scaled_injection", dict(LOOPED, **LOOP_RECIPE, refinement_input_injection="scaled_add"), **ABLATION
+            "k3_scaled_injection", {**LOOPED, **LOOP_RECIPE, "refinement_input_injection": "scaled_add"}, **ABLATION
         ),
         Variant("unique_depth", core_multiplier=TRAINED_PASSES),
         # Layers run per token, K = 3 with the recipe (P + 3C + D, and D again for each of the 2 earlier exits)
