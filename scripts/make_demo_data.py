@@ -3,8 +3,8 @@ r"""Build the CPU demo's data sets under data/demo/ (deterministic: the same --s
 
 Every math answer is a short worked line and the result in a box: "What is 3 + 4?" -> "3 + 4 = 7. \boxed{7}".
 
-- arithmetic_corpus.txt: pre-training prose (equations, worked word problems, counting, number facts); documents
-  separated by a blank line. The pre-training stage reads it alone.
+- arithmetic_corpus.txt: pre-training prose (practice lists of equations, worked word problems, questions with their
+  answers, fact families); documents separated by a blank line. The pre-training stage reads it alone.
 - sft_{train,test}.jsonl: chat messages; 60% bare sums and differences, 30% word problems, 10% fixed small talk.
 - dpo_{train,test}.jsonl: conversational preference pairs; rejected misreads an operand, boxes another number than it
   worked out, or is off by a little.
@@ -16,11 +16,12 @@ Every math answer is a short worked line and the result in a box: "What is 3 + 4
 
 Addition and subtraction use one-digit operands (differences are never negative); word problems use operands from 2
 so that every noun is plural. Knowledge comes from pre-training, as in any language model: the corpus states every
-fact. The questions are held out by their wording: the last template of `BARE_QUESTIONS` and of each list of
-`WORD_QUESTIONS` asks every test question and nothing else (`held_out_templates`), so no test question, nor any
-question of its form, is in a train file or the corpus, while the test still covers all the facts (the answer accuracy
-moves by small steps, not by whole facts). A LoRA test number is held out of its train file
-(`is_held_out_multiplicand`).
+fact. The test questions are held out one by one, as in GSM8K: a stable hash of a question's text puts one question in
+eight in the test files (`is_test_question`), and no train file nor corpus document asks one of them; every fact and
+every wording is in both splits, so a test measures how well a model answers the task it was taught, not how it guesses
+at an unseen phrasing (the held-out-wording test this replaced left the SFT model at 5-9 % with 70 % of GRPO's groups
+without signal). A LoRA test number is held out of its train file (`is_held_out_multiplicand`): that skill must
+generalise to new numbers.
 
 Usage: python scripts/make_demo_data.py [--out data/demo] [--seed 0]
 """
@@ -30,15 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import zlib
 from pathlib import Path
 
 
 CORPUS_BYTES = 120_000
 MAX_OPERAND = 9
-COUNT_TO = 199  # counting runs: steps up to 10, 14 numbers long
 SFT_ROWS = {"train": 600, "test": 60}
 DPO_ROWS = {"train": 300, "test": 40}
-GRPO_ROWS = {"train": 300, "test": 64}
+GRPO_ROWS = {"train": 300, "test": 128}
 LORA_ROWS = {"train": 300, "test": 40}
 
 NAMES = ("Mia", "Sam", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Priya", "Kenji", "Lucia")
@@ -107,12 +108,6 @@ CHAT = (
     ("Which season comes after winter?", "Spring comes after winter."),
 )
 
-ONES = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen"
-).split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
 
 def is_held_out_multiplicand(a: int) -> bool:
     """Whether `a` (times 10 or 100) belongs to the LoRA test split: one number in ten, every last digit."""
@@ -140,19 +135,29 @@ def sample_pair(rng: random.Random, op: str, held_out: bool = False, low: int = 
             return a, b
 
 
-def held_out_templates(templates: tuple[str, ...], held_out: bool) -> tuple[str, ...]:
-    """The last template of a list asks the test questions; the others ask every question a model trains on."""
-    return templates[-1:] if held_out else templates[:-1]
+def is_test_question(question: str) -> bool:
+    """Whether a question belongs to the test files: one question in eight, by a stable hash of its text. No train
+    file and no corpus document asks a test question; every fact and every wording is in both splits."""
+    return zlib.crc32(question.encode()) % 8 == 0
 
 
-def bare_question(rng: random.Random, op: str, a: int, b: int, held_out: bool = False) -> str:
-    template = rng.choice(held_out_templates(BARE_QUESTIONS, held_out))
-    return template.format(a=a, op=op, b=b, word=OP_WORDS[op])
+def bare_question(rng: random.Random, op: str, a: int, b: int) -> str:
+    return rng.choice(BARE_QUESTIONS).format(a=a, op=op, b=b, word=OP_WORDS[op])
 
 
-def word_problem(rng: random.Random, op: str, a: int, b: int, held_out: bool = False) -> str:
-    template = rng.choice(held_out_templates(WORD_QUESTIONS[op], held_out))
-    return template.format(a=a, b=b, name=rng.choice(NAMES), obj=rng.choice(OBJECTS))
+def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
+    return rng.choice(WORD_QUESTIONS[op]).format(a=a, b=b, name=rng.choice(NAMES), obj=rng.choice(OBJECTS))
+
+
+def draw_problem(rng: random.Random, op: str, is_word: bool, held_out: bool) -> tuple[str, int, int]:
+    """(question, a, b) for `op`, drawn again until it belongs to the split `held_out` asks for. Sums and differences:
+    the question is held out (`is_test_question`); products (the LoRA skill): the number is."""
+    ask = word_problem if is_word else bare_question
+    while True:
+        a, b = sample_pair(rng, op, held_out, low=2 if is_word else 0)
+        question = ask(rng, op, a, b)
+        if op == "*" or is_test_question(question) == held_out:
+            return question, a, b
 
 
 def math_problems(rng: random.Random, n: int, ops: str, held_out: bool) -> list[tuple[str, int, str, int]]:
@@ -160,11 +165,7 @@ def math_problems(rng: random.Random, n: int, ops: str, held_out: bool) -> list[
     problems, seen = [], set()
     while len(problems) < n:
         op = rng.choice(ops)
-        is_word = len(problems) % 3 == 2
-        # sums and differences: any pair, the wording is held out; products (the LoRA skill): the number is held out
-        a, b = sample_pair(rng, op, held_out, low=2 if is_word else 0)
-        ask = word_problem if is_word else bare_question
-        question = ask(rng, op, a, b, held_out=held_out and op != "*")
+        question, a, b = draw_problem(rng, op, is_word=len(problems) % 3 == 2, held_out=held_out)
         if question not in seen:
             seen.add(question)
             problems.append((question, a, op, b))
@@ -219,11 +220,12 @@ def grpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
 
 
 def lora_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
-    """`n` multiplication chats; the train file also replays a third as many sums and differences, so that the adapter
-    adds the skill without the model forgetting the ones it had (without them it answered every sum with a product)."""
+    """`n` multiplication chats; the train file also replays as many sums and differences, so that the adapter adds the
+    skill with less forgetting of the ones it had (without them it answered every sum with a product; with a third as
+    many, held-out arithmetic fell from 49 % to 14 %; with as many, from 46 % to 31 %: one demo run each)."""
     rows = [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n, "*", held_out)]
     if not held_out:
-        rows += [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n // 3, "+-", False)]
+        rows += [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n, "+-", False)]
         rng.shuffle(rows)
     return rows
 
@@ -234,15 +236,6 @@ def as_question(row: dict) -> dict:
     return {"prompt": [user], "answer": assistant["content"].rsplit("\\boxed{", 1)[1].rstrip("}")}
 
 
-def number_words(n: int) -> str:
-    if n >= 100:
-        return "one hundred" + (f" {number_words(n - 100)}" if n > 100 else "")
-    if n < 20:
-        return ONES[n]
-    tens, ones = divmod(n, 10)
-    return TENS[tens] + (f"-{ONES[ones]}" if ones else "")
-
-
 def practice_doc(rng: random.Random) -> str:
     op = rng.choice("+-")
     title = {"+": "Addition practice.", "-": "Subtraction practice."}[op]
@@ -250,48 +243,24 @@ def practice_doc(rng: random.Random) -> str:
     return "\n".join([title] + [worked(a, op, b) for a, b in pairs])
 
 
-def training_problems(rng: random.Random, low: int = 0):
-    """3 to 5 `(op, a, b)` additions / subtractions outside the held-out pairs. A generator: the caller's own draws
-    for one problem happen before the next is sampled, which keeps the corpus byte-identical."""
+def training_problems(rng: random.Random, is_word: bool) -> list[tuple[str, int, str, int]]:
+    """3 to 5 train questions (bare or word problems) with their sums or differences, as (question, a, op, b)."""
+    problems = []
     for _ in range(rng.randint(3, 5)):
         op = rng.choice("+-")
-        yield (op, *sample_pair(rng, op, low=low))
+        problems.append((*draw_problem(rng, op, is_word, held_out=False), op))
+    return [(question, a, op, b) for question, a, b, op in problems]
 
 
 def word_problems_doc(rng: random.Random) -> str:
-    return "\n".join(f"{word_problem(rng, op, a, b)} {worked(a, op, b)}" for op, a, b in training_problems(rng, low=2))
+    return "\n".join(f"{q} {worked(a, op, b)}" for q, a, op, b in training_problems(rng, is_word=True))
 
 
 def question_answer_doc(rng: random.Random) -> str:
     lines = []
-    for op, a, b in training_problems(rng):
-        lines += [f"Question: {bare_question(rng, op, a, b)}", f"Answer: {worked(a, op, b)}"]
+    for q, a, op, b in training_problems(rng, is_word=False):
+        lines += [f"Question: {q}", f"Answer: {worked(a, op, b)}"]
     return "\n".join(lines)
-
-
-def in_words_doc(rng: random.Random) -> str:
-    lines = []
-    for op, a, b in training_problems(rng):
-        said = f"{number_words(a)} {OP_WORDS[op]} {number_words(b)}"
-        lines.append(f"{said.capitalize()} equals {number_words(solve(a, op, b))}, so {worked(a, op, b)}")
-    return "\n".join(lines)
-
-
-def counting_doc(rng: random.Random) -> str:
-    step = rng.choice((1, 1, 2, 5, 10))
-    length = rng.randint(8, 14)
-    if rng.random() < 0.5:
-        start = rng.randint(0, COUNT_TO - step * (length - 1))
-        numbers, direction = list(range(start, start + step * length, step)), "up"
-    else:
-        start = rng.randint(step * (length - 1), COUNT_TO)
-        numbers, direction = list(range(start, start - step * length, -step)), "down"
-    by = "" if step == 1 else f" by {step}s"
-    relation = "more" if direction == "up" else "less"
-    return (
-        f"Counting {direction}{by} from {numbers[0]}: {', '.join(map(str, numbers))}.\n"
-        f"Each number is {number_words(step)} {relation} than the number before it."
-    )
 
 
 def fact_family_doc(rng: random.Random) -> str:
@@ -308,28 +277,10 @@ def fact_family_doc(rng: random.Random) -> str:
     )
 
 
-def number_facts_doc(rng: random.Random) -> str:
-    n, m = sample_pair(rng, "-", low=1)
-    while n == m:
-        n, m = sample_pair(rng, "-", low=1)
-    tens, ones = divmod(n, 10)
-    return (
-        f"The number {n} is written {number_words(n)}.\n"
-        f"It comes after {n - 1} and before {n + 1}, and it is {'even' if n % 2 == 0 else 'odd'}.\n"
-        f"Its tens digit is {tens} and its ones digit is {ones}.\n"
-        f"{n} is greater than {m}, so {m} is less than {n}. The difference is {worked(n, '-', m)}"
-    )
-
-
-CORPUS_DOCS = (
-    practice_doc,
-    word_problems_doc,
-    question_answer_doc,
-    in_words_doc,
-    counting_doc,
-    fact_family_doc,
-    number_facts_doc,
-)
+# Every document states sums and differences: a 6M-parameter model learns the facts from about ten passes over them
+# in three minutes. Counting runs, numbers in words and number facts also made up three sevenths of the corpus once;
+# without them, the SFT model's held-out answer accuracy went from 37.5 % to 45.3 % (one run each, same seed).
+CORPUS_DOCS = (practice_doc, word_problems_doc, question_answer_doc, fact_family_doc)
 
 
 def corpus(rng: random.Random, max_bytes: int) -> str:
