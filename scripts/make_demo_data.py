@@ -248,8 +248,9 @@ def training_problems(rng: random.Random, is_word: bool) -> list[tuple[str, int,
     problems = []
     for _ in range(rng.randint(3, 5)):
         op = rng.choice("+-")
-        problems.append((*draw_problem(rng, op, is_word, held_out=False), op))
-    return [(question, a, op, b) for question, a, b, op in problems]
+        question, a, b = draw_problem(rng, op, is_word, held_out=False)
+        problems.append((question, a, op, b))
+    return problems
 
 
 def word_problems_doc(rng: random.Random) -> str:

@@ -122,7 +122,8 @@ def test_is_test_question_splits_one_question_in_eight():
     questions = [f"What is {a} + {b}?" for a in range(100) for b in range(100)]
     share = sum(map(make_demo_data.is_test_question, questions)) / len(questions)
     assert 0.10 < share < 0.15
-    assert make_demo_data.is_test_question(questions[7]) == make_demo_data.is_test_question(str(questions[7]))
+    # a checksum of the text, not Python's salted hash(): the split is the same in every process and on every machine
+    assert make_demo_data.is_test_question("4 - 0 = ?") and not make_demo_data.is_test_question("What is 2 + 2?")
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
