@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 r"""Build the CPU demo's data sets under data/demo/ (deterministic: the same --seed gives the same bytes).
 
-Every math answer is a short worked line and the result in a box: "What is 3 + 4?" -> "3 + 4 = 7. \boxed{7}".
+Every math answer in the corpus is a short worked line and the result in a box: "What is 3 + 4?" -> "3 + 4 = 7.
+\boxed{7}". The chat replies of SFT and DPO come in two styles: worked first like that (two in five), or answer first,
+"\boxed{7} because 3 + 4 = 7." (three in five). A small model that boxes the result before working it out is right
+less often, and greedy decoding follows the majority style, so the SFT model answers first and solves few questions.
+GRPO, whose reward is the answer's accuracy alone, then has something to find that every question shares: its samples
+that work first are right more often, and the policy turns to working first. (With every reply worked first, GRPO's
+only lesson was individual facts, which did not carry over to held-out questions: +2 points on average over seeds.)
 
 - arithmetic_corpus.txt: pre-training prose (practice lists of equations, worked word problems, questions with their
   answers, fact families); documents separated by a blank line. The pre-training stage reads it alone.
 - sft_{train,test}.jsonl: chat messages; 60% bare sums and differences, 30% word problems, 10% fixed small talk.
-- dpo_{train,test}.jsonl: conversational preference pairs; rejected misreads an operand, boxes another number than it
-  worked out, or is off by a little.
+- dpo_{train,test}.jsonl: conversational preference pairs, both replies of a pair in the same style; rejected misreads
+  an operand, boxes another number than it worked out, or is off by a little.
 - grpo_{train,test}.jsonl: a prompt and the integer answer as a string, for the accuracy reward; grpo_test.jsonl is
   also the held-out arithmetic of the demo's answer accuracy (`apex-hf eval`'s `apex_demo_answers` task).
 - lora_{train,test}.jsonl: a number from 2 to 99 times 10 or 100, a skill no earlier file shows (the train file also
@@ -41,6 +47,8 @@ SFT_ROWS = {"train": 600, "test": 60}
 DPO_ROWS = {"train": 300, "test": 40}
 GRPO_ROWS = {"train": 300, "test": 128}
 LORA_ROWS = {"train": 300, "test": 40}
+# SFT and DPO replies that work the sum out before they box it; the rest box the answer first. See `reply`.
+WORKED_FIRST_SHARE = 0.4
 
 NAMES = ("Mia", "Sam", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Priya", "Kenji", "Lucia")
 OBJECTS = ("pens", "apples", "marbles", "stickers", "books", "cookies", "cards", "shells")
@@ -123,6 +131,19 @@ def worked(a: int, op: str, b: int) -> str:
     return f"{a} {op} {b} = {c}. \\boxed{{{c}}}"
 
 
+def answer_first(worked_reply: str) -> str:
+    """The same reply with the box first and the worked line after it: "4 + 3 = 7. \\boxed{7}" -> "\\boxed{7} because
+    4 + 3 = 7." The model must then produce the result before it has written the sum out."""
+    line, boxed = worked_reply.removesuffix("}").split(". \\boxed{")
+    return f"\\boxed{{{boxed}}} because {line}."
+
+
+def reply(rng: random.Random, worked_reply: str) -> str:
+    """A math reply in one of the two styles SFT teaches: worked first (`WORKED_FIRST_SHARE` of the replies) or answer
+    first."""
+    return worked_reply if rng.random() < WORKED_FIRST_SHARE else answer_first(worked_reply)
+
+
 def sample_pair(rng: random.Random, op: str, held_out: bool = False, low: int = 0) -> tuple[int, int]:
     """Operands for `op`. Sums and differences: any one-digit pair (from `low`). Products, the LoRA skill: a number
     from 2 to 99, from the test numbers or the train ones (`held_out`), times 10 or 100."""
@@ -181,7 +202,8 @@ def sft_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
     n_chat = n // 10
     # train cycles through every small-talk pair; test samples a few of them (they are fixed facts, not held out)
     chat = [CHAT[i % len(CHAT)] for i in range(n_chat)] if n_chat >= len(CHAT) else rng.sample(CHAT, n_chat)
-    rows = [chat_row(q, worked(a, op, b)) for q, a, op, b in math_problems(rng, n - n_chat, "+-", held_out)]
+    problems = math_problems(rng, n - n_chat, "+-", held_out)
+    rows = [chat_row(q, reply(rng, worked(a, op, b))) for q, a, op, b in problems]
     rows += [chat_row(q, answer) for q, answer in chat]
     rng.shuffle(rows)
     return rows
@@ -202,14 +224,21 @@ def rejected_answer(rng: random.Random, kind: int, a: int, op: str, b: int) -> s
 
 
 def dpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": worked(a, op, b)}],
-            "rejected": [{"role": "assistant", "content": rejected_answer(rng, i % 3, a, op, b)}],
-        }
-        for i, (q, a, op, b) in enumerate(math_problems(rng, n, "+-", held_out))
-    ]
+    """Preference pairs in SFT's mix of styles, both replies of a pair in the same style: a pair then says nothing
+    about which style to use (its first tokens cancel in DPO's log-ratio), so DPO leaves the style to GRPO."""
+    rows = []
+    for i, (q, a, op, b) in enumerate(math_problems(rng, n, "+-", held_out)):
+        chosen, rejected = worked(a, op, b), rejected_answer(rng, i % 3, a, op, b)
+        if rng.random() >= WORKED_FIRST_SHARE:
+            chosen, rejected = answer_first(chosen), answer_first(rejected)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return rows
 
 
 def grpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:

@@ -31,7 +31,8 @@ OP_KEYWORDS = {
     "-": ("-", "minus", "gives", "sold", "flew away", "spent"),
     "*": ("*", "times", "each", "holds"),
 }
-WORKED = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\. \\boxed\{(\d+)\}")
+WORKED_FIRST = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\. \\boxed\{(\d+)\}")
+ANSWER_FIRST = re.compile(r"\\boxed\{(\d+)\} because (\d+) ([-+*]) (\d+) = (\d+)\.")
 
 
 def load_script():
@@ -66,13 +67,21 @@ def recompute(question: str) -> tuple[int, str, int, int]:
     return a, op, b, make_demo_data.solve(a, op, b)
 
 
-def check_worked(question: str, answer: str) -> str:
-    """Asserts that `answer` is the worked line of `question`; returns the result."""
+def is_worked_first(reply: str) -> bool:
+    return WORKED_FIRST.fullmatch(reply) is not None
+
+
+def check_reply(question: str, reply: str) -> str:
+    """Asserts that `reply` is the worked line of `question` and its result in a box, in either order; returns the
+    result."""
     a, op, b, result = recompute(question)
-    match = WORKED.fullmatch(answer)
-    assert match, answer
-    x, answer_op, y, c, boxed = match.groups()
-    assert answer_op == op and sorted((int(x), int(y))) == sorted((a, b)) and int(c) == int(boxed) == result, answer
+    if match := WORKED_FIRST.fullmatch(reply):
+        x, reply_op, y, c, boxed = match.groups()
+    else:
+        match = ANSWER_FIRST.fullmatch(reply)
+        assert match, reply
+        boxed, x, reply_op, y, c = match.groups()
+    assert reply_op == op and sorted((int(x), int(y))) == sorted((a, b)) and int(c) == int(boxed) == result, reply
     return str(result)
 
 
@@ -170,11 +179,18 @@ def test_chat_answers_are_right(name):
         if user["content"] in chat:  # small talk
             assert assistant["content"] == chat[user["content"]]
             continue
-        answers.append(check_worked(user["content"], assistant["content"]))
+        answers.append(check_reply(user["content"], assistant["content"]))
         math_messages.append([assistant])
     assert len(math_messages) >= 0.85 * len(rows)
     assert accuracy_reward(math_messages, answer=answers) == [1.0] * len(answers)
-    assert format_reward(math_messages) == [1.0] * len(answers)
+    worked_first = [is_worked_first(message["content"]) for [message] in math_messages]
+    # format_reward: the reply ends with its box, which only the worked-first style does
+    assert format_reward(math_messages) == [float(w) for w in worked_first]
+    if name.startswith("lora"):  # the LoRA data teaches one style: the one GRPO settles on
+        assert all(worked_first)
+    else:  # SFT teaches both styles, worked first in about WORKED_FIRST_SHARE of the replies
+        share = sum(worked_first) / len(worked_first)
+        assert abs(share - make_demo_data.WORKED_FIRST_SHARE) < (0.06 if name.endswith("train.jsonl") else 0.2), share
 
 
 @pytest.mark.parametrize("name", ["grpo_train.jsonl", "grpo_test.jsonl"])
@@ -189,14 +205,14 @@ def test_grpo_answers_are_right(name):
 @pytest.mark.parametrize("name", ["dpo_train.jsonl", "dpo_test.jsonl"])
 def test_dpo_chosen_beats_rejected(name):
     rows = read_rows(name)
-    answers = [check_worked(row["prompt"][0]["content"], row["chosen"][0]["content"]) for row in rows]
+    answers = [check_reply(row["prompt"][0]["content"], row["chosen"][0]["content"]) for row in rows]
     chosen, rejected = [row["chosen"] for row in rows], [row["rejected"] for row in rows]
-    assert all(c != r for c, r in zip(chosen, rejected))
-    chosen_scores = zip(accuracy_reward(chosen, answer=answers), format_reward(chosen))
-    rejected_scores = zip(accuracy_reward(rejected, answer=answers), format_reward(rejected))
-    for (c_accuracy, c_format), (r_accuracy, r_format) in zip(chosen_scores, rejected_scores):
-        assert c_accuracy == c_format == 1.0
-        assert r_accuracy + r_format < 2.0  # every rejected answer is wrong, unboxed, or both
+    assert accuracy_reward(chosen, answer=answers) == [1.0] * len(rows)
+    assert accuracy_reward(rejected, answer=answers) == [0.0] * len(rows)
+    # both replies of a pair in one style, so that DPO does not learn which style to use
+    styles = [(is_worked_first(c[0]["content"]), is_worked_first(r[0]["content"])) for c, r in zip(chosen, rejected)]
+    assert all(c == r for c, r in styles)
+    assert 0 < sum(c for c, _ in styles) < len(rows)  # and both styles among the pairs
 
 
 def test_multiplication_only_in_lora_files():
