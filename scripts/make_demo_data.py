@@ -38,6 +38,7 @@ import argparse
 import json
 import random
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -47,7 +48,7 @@ SFT_ROWS = {"train": 600, "test": 60}
 DPO_ROWS = {"train": 300, "test": 40}
 GRPO_ROWS = {"train": 300, "test": 128}
 LORA_ROWS = {"train": 300, "test": 40}
-# SFT and DPO replies that work the sum out before they box it; the rest box the answer first. See `reply`.
+# SFT and DPO replies that work the sum out before they box it; the rest box the answer first. See `draw_style`.
 WORKED_FIRST_SHARE = 0.4
 
 NAMES = ("Mia", "Sam", "Leo", "Ava", "Noah", "Emma", "Liam", "Zoe", "Omar", "Priya", "Kenji", "Lucia")
@@ -138,10 +139,10 @@ def answer_first(worked_reply: str) -> str:
     return f"\\boxed{{{boxed}}} because {line}."
 
 
-def reply(rng: random.Random, worked_reply: str) -> str:
-    """A math reply in one of the two styles SFT teaches: worked first (`WORKED_FIRST_SHARE` of the replies) or answer
-    first."""
-    return worked_reply if rng.random() < WORKED_FIRST_SHARE else answer_first(worked_reply)
+def draw_style(rng: random.Random) -> Callable[[str], str]:
+    """One of the two reply styles SFT and DPO teach, as a function of the worked-first reply: worked first (kept as it
+    is, `WORKED_FIRST_SHARE` of the draws) or answer first."""
+    return str if rng.random() < WORKED_FIRST_SHARE else answer_first
 
 
 def sample_pair(rng: random.Random, op: str, held_out: bool = False, low: int = 0) -> tuple[int, int]:
@@ -203,7 +204,7 @@ def sft_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
     # train cycles through every small-talk pair; test samples a few of them (they are fixed facts, not held out)
     chat = [CHAT[i % len(CHAT)] for i in range(n_chat)] if n_chat >= len(CHAT) else rng.sample(CHAT, n_chat)
     problems = math_problems(rng, n - n_chat, "+-", held_out)
-    rows = [chat_row(q, reply(rng, worked(a, op, b))) for q, a, op, b in problems]
+    rows = [chat_row(q, draw_style(rng)(worked(a, op, b))) for q, a, op, b in problems]
     rows += [chat_row(q, answer) for q, answer in chat]
     rng.shuffle(rows)
     return rows
@@ -229,8 +230,8 @@ def dpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
     rows = []
     for i, (q, a, op, b) in enumerate(math_problems(rng, n, "+-", held_out)):
         chosen, rejected = worked(a, op, b), rejected_answer(rng, i % 3, a, op, b)
-        if rng.random() >= WORKED_FIRST_SHARE:
-            chosen, rejected = answer_first(chosen), answer_first(rejected)
+        style = draw_style(rng)
+        chosen, rejected = style(chosen), style(rejected)
         rows.append(
             {
                 "prompt": [{"role": "user", "content": q}],
