@@ -220,7 +220,7 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
         row.update(train(model, flops, args))
     gc.collect()
     torch.cuda.empty_cache()
-    if compiled:  # compiled layers would recompile for every decode shape; decode has its own compile path
+    if compiled or not args.decode:  # compiled layers would recompile for every decode shape; decode compiles apart
         return row
     model = for_decoding(model)
     for batch in DECODE_BATCHES:
@@ -277,6 +277,7 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
     command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(args.out)]
     command += [] if args.train else ["--no-train"]
+    command += [] if args.decode else ["--no-decode"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     rows = [line.removeprefix(ROW_PREFIX) for line in result.stdout.splitlines() if line.startswith(ROW_PREFIX)]
@@ -326,6 +327,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-train", dest="train", action="store_false", help="decode rows only")
+    parser.add_argument("--no-decode", dest="decode", action="store_false", help="training rows only")
     parser.add_argument(
         "--training-modes",
         nargs="+",

@@ -2,8 +2,11 @@
 
 Runs `apex-hf pretrain` with `recipes/bench-moe/pretrain.yaml` (300 steps of 8 x 2048 tokens, bf16) for each preset,
 each in its own process (clean peak-memory counters), on a generated arithmetic corpus of `--corpus-mb` MB plus the
-shipped prose corpus, and reads the numbers from each run's `stage_summary.json`: tokens/s, MFU (torchtitan's
-convention, `apex_hf.counting`), peak memory, held-out loss before and after, and the time a checkpoint takes.
+shipped prose corpus, and reads the numbers from each run's `stage_summary.json`: tokens/s in the steady state (after
+the first log window, which holds the warm-up and any compilation) and over the whole run (wall clock), MFU
+(torchtitan's convention, `apex_hf.counting`), peak memory, held-out loss before and after, and the time a checkpoint
+takes. Beside each run, in the same invocation, `scripts/benchmark.py`'s training step of the same preset at the
+same batch, sequence length and compile mode: the speed the loop is held to.
 `--accelerate-config recipes/accelerate/fsdp2.yaml --num-processes 2` runs the same under `accelerate launch`.
 
     python scripts/measure_pretraining.py --out runs/pretraining
@@ -83,6 +86,9 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     summary = read_summary(output_dir)
     saves = [float(s) for s in re.findall(r"saved \S+ in ([\d.]+)s", run.stdout + run.stderr)]
     config = json.loads((output_dir / "config.json").read_text())
+    recipe = summary["config"]
+    batch, seq_len = recipe["per_device_train_batch_size"], recipe["seq_len"]
+    benchmark = benchmark_step(preset, batch, seq_len, recipe["torch_compile"])
     return {
         "preset": preset,
         "processes": summary["num_processes"],
@@ -93,6 +99,13 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
         "tokens_per_step": summary["num_input_tokens_seen"] // args.steps,
         "tokens_per_second": summary["train_tokens_per_second"],
         "mfu_percent": summary["mfu"],
+        "steady_tokens_per_second": summary["steady_tokens_per_second"],
+        "steady_mfu_percent": summary["steady_mfu"],
+        "warmup_seconds": summary["warmup_seconds"],
+        "whole_run_tokens_per_second": summary["whole_run_tokens_per_second"],
+        "compiled": recipe["torch_compile"],
+        "benchmark_step_tokens_per_second": benchmark["train_tokens_per_s"],
+        "benchmark_step_mfu_percent": 100 * benchmark["mfu"] if benchmark["mfu"] else None,
         "peak_memory_gib": summary["peak_memory_gib"],
         "eval_loss_before": summary["eval_loss_before"],
         "eval_loss_after": summary["eval_loss_after"],
@@ -101,23 +114,41 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     }
 
 
+def benchmark_step(preset: str, batch: int, seq_len: int, compiled: bool) -> dict:
+    """`scripts/benchmark.py`'s training step of the preset at the run's shape (one GPU, compiled layers where the
+    run compiles), measured in its own process: the reference the loop is held to."""
+    from benchmark import run_isolated
+
+    settings = dict(experts=None, batch=batch, seq_len=seq_len, warmup=3, steps=10, train=True, decode=False)
+    return run_isolated(f"apex:{preset}", "compiled" if compiled else "eager", argparse.Namespace(**settings))
+
+
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)  # no MFU / peak memory without a known GPU
 
 
 def table(rows: list[dict]) -> str:
+    """Tokens/s per GPU: steady state (after the first log window) and whole run (wall clock, loading and saving
+    included), beside the benchmark step at the same shape; their ratios are the loop's overheads."""
     lines = [
-        "| preset | GPUs | params (active) | tokens/s | MFU % | peak GiB | held-out loss | checkpoint save |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preset | GPUs | params (active) | steady tokens/s per GPU (MFU %) | whole run | benchmark step (MFU %) "
+        "| steady / benchmark | whole / steady | warm-up | peak GiB | held-out loss | checkpoint save |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | failed: see JSON | | | | | | |")
+            lines.append(f"| {r['preset']} | failed: see JSON | | | | | | | | | | |")
             continue
         saves = ", ".join(f"{s:.0f} s" for s in r["checkpoint_seconds"]) or "-"
+        steady = (r["steady_tokens_per_second"] or r["tokens_per_second"]) / r["processes"]
+        whole = r["whole_run_tokens_per_second"] / r["processes"]
+        benchmark = r["benchmark_step_tokens_per_second"]
         lines.append(
-            f"| {r['preset']} | {r['processes']} | {r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B) "
-            f"| {r['tokens_per_second']:,.0f} | {_number(r['mfu_percent'], '.1f')} "
+            f"| {r['preset']}{' (compiled)' if r['compiled'] else ''} | {r['processes']} "
+            f"| {r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B) "
+            f"| {steady:,.0f} ({_number(r['steady_mfu_percent'], '.1f')}) | {whole:,.0f} "
+            f"| {benchmark:,.0f} ({_number(r['benchmark_step_mfu_percent'], '.1f')}) "
+            f"| {steady / benchmark:.2f} | {whole / steady:.2f} | {_number(r['warmup_seconds'], '.0f')} s "
             f"| {_number(r['peak_memory_gib'], '.1f')} "
             f"| {r['eval_loss_before']:.2f} -> {r['eval_loss_after']:.2f} | {saves} |"
         )

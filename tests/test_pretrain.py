@@ -13,7 +13,7 @@ from tiny_configs import tiny_config
 
 from apex_hf import ApexForCausalLM
 from apex_hf.pretrain import load_pretrain_config, pretrain
-from apex_hf.pretrain.build import build_scheduler
+from apex_hf.pretrain.build import build_scheduler, prepare_training
 from apex_hf.pretrain.data import PackedBatches, make_batch, pack_rows
 from apex_hf.stage_folder import read_log_history, read_summary
 
@@ -165,6 +165,18 @@ def test_learning_rate_schedules(scheduler_type):
         assert rates[10:90] == pytest.approx([1.0] * 80)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_adamw_is_fused_on_gpus_only(device, tmp_path):
+    from accelerate import Accelerator
+
+    config = load_pretrain_config(TINY_RECIPE, ["--output_dir", str(tmp_path)])
+    accelerator = Accelerator(cpu=device == "cpu")
+    model = ApexForCausalLM(tiny_config())
+    _, optimizer, _ = prepare_training(accelerator, model, config)
+    assert optimizer.optimizer.defaults["fused"] is (device == "cuda")
+    assert {p.device.type for group in optimizer.param_groups for p in group["params"]} == {device}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # end to end
 
@@ -206,6 +218,12 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
     flops = summary["train_flops_per_token"]
     assert train_logs[-1]["mfu"] == pytest.approx(100 * train_logs[-1]["train_tokens_per_second"] * flops / 0.1e12)
     assert {"apex/router_entropy/layer_1", "apex/memory_rms"} <= set(train_logs[-1])
+    # steady state: the log windows after the first (5 steps each), which holds the warm-up
+    window_rates = [entry["train_tokens_per_second"] for entry in train_logs]
+    tokens_per_window = 5 * 8 * 64
+    assert summary["warmup_seconds"] == pytest.approx(tokens_per_window / window_rates[0])
+    assert summary["steady_tokens_per_second"] == pytest.approx(3 / sum(1 / rate for rate in window_rates[1:]))
+    assert summary["whole_run_tokens_per_second"] < summary["train_tokens_per_second"]  # loading, evals, saves
     # the TensorBoard tracker wrote every logged scalar
     events = _tensorboard_scalars(output_dir / output_dir.name)
     assert {"loss", "eval_loss", "mfu", "apex/verifier_loss"} <= set(events)

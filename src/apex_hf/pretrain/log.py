@@ -50,6 +50,7 @@ class TrainingLog:
             total=config.max_steps, initial=start_step, desc="pretrain", disable=not accelerator.is_local_main_process
         )
         self.loss = torch.zeros((), device=accelerator.device)
+        self.windows: list[tuple[int, float]] = []  # (steps, training seconds) of each log window of this process
         self.reset_window()
 
     # ---- the window since the previous log line
@@ -90,6 +91,7 @@ class TrainingLog:
         mean_loss = accelerator.reduce(self.loss, "mean").item() / self.steps  # also waits for the device
         seconds = self.window_seconds()
         self.train_seconds += seconds
+        self.windows.append((self.steps, seconds))
         entry = {"step": step, "loss": mean_loss, "learning_rate": learning_rate}
         if grad_norm is not None:
             entry["grad_norm"] = float(grad_norm)
@@ -134,6 +136,19 @@ class TrainingLog:
         if not self.peak_flops:
             return None
         return 100 * tokens_per_second * self.flops_per_token / (self.peak_flops * self.accelerator.num_processes)
+
+    def steady_state(self) -> tuple[float | None, float | None]:
+        """Tokens/s over the log windows after the first, and the first window's seconds: the first holds the
+        warm-up (CUDA context and allocator, torch.compile's compilation), which a long run pays once. Tokens/s is
+        None with fewer than two windows."""
+        if not self.windows:
+            return None, None
+        warmup_seconds = self.windows[0][1]
+        steady = self.windows[1:]
+        if not steady:
+            return None, warmup_seconds
+        steps, seconds = sum(s for s, _ in steady), sum(t for _, t in steady)
+        return steps * self.tokens_per_step / max(seconds, 1e-9), warmup_seconds
 
     def eval_losses(self) -> list[float]:
         return [entry["eval_loss"] for entry in self.history if "eval_loss" in entry]

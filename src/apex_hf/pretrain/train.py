@@ -252,6 +252,8 @@ class PretrainRun:
         config, log = self.config, self.log
         tokens_seen = config.max_steps * log.tokens_per_step
         tokens_per_second = tokens_seen / max(log.train_seconds, 1e-9)
+        steady_tokens_per_second, warmup_seconds = log.steady_state()
+        wall_seconds = time.perf_counter() - self.started
         eval_losses = log.eval_losses()
         return {
             "eval_loss_before": eval_losses[0] if eval_losses else None,
@@ -260,8 +262,14 @@ class PretrainRun:
             "train_runtime": log.train_seconds,
             "train_tokens_per_second": tokens_per_second,
             "mfu": log.mfu(tokens_per_second),
+            # after the first log window (its seconds: `warmup_seconds`), and over this process's wall-clock time
+            # (loading, evaluation and checkpoints included)
+            "steady_tokens_per_second": steady_tokens_per_second,
+            "steady_mfu": log.mfu(steady_tokens_per_second) if steady_tokens_per_second else None,
+            "warmup_seconds": warmup_seconds,
+            "whole_run_tokens_per_second": (config.max_steps - self.start_step) * log.tokens_per_step / wall_seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "wall_seconds": time.perf_counter() - self.started,
+            "wall_seconds": wall_seconds,
             "resumed_from_step": self.start_step or None,
             "num_parameters": self.num_parameters,
             "num_active_parameters": self.counts.active,
