@@ -88,7 +88,7 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     config = json.loads((output_dir / "config.json").read_text())
     recipe = summary["config"]
     batch, seq_len = recipe["per_device_train_batch_size"], recipe["seq_len"]
-    benchmark = benchmark_step(preset, batch, seq_len, recipe["torch_compile"])
+    benchmark = benchmark_step(preset, batch, seq_len, recipe["torch_compile"], args.out / "benchmark-step.json")
     return {
         "preset": preset,
         "processes": summary["num_processes"],
@@ -102,6 +102,7 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
         "steady_tokens_per_second": summary["steady_tokens_per_second"],
         "steady_mfu_percent": summary["steady_mfu"],
         "warmup_seconds": summary["warmup_seconds"],
+        "graphs_compiled_after_warmup": summary["graphs_compiled_after_warmup"],
         "whole_run_tokens_per_second": summary["whole_run_tokens_per_second"],
         "compiled": recipe["torch_compile"],
         "benchmark_step_tokens_per_second": benchmark["train_tokens_per_s"],
@@ -114,12 +115,12 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     }
 
 
-def benchmark_step(preset: str, batch: int, seq_len: int, compiled: bool) -> dict:
+def benchmark_step(preset: str, batch: int, seq_len: int, compiled: bool, out: Path) -> dict:
     """`scripts/benchmark.py`'s training step of the preset at the run's shape (one GPU, compiled layers where the
     run compiles), measured in its own process: the reference the loop is held to."""
     from benchmark import run_isolated
 
-    settings = dict(experts=None, batch=batch, seq_len=seq_len, warmup=3, steps=10, train=True, decode=False)
+    settings = dict(experts=None, batch=batch, seq_len=seq_len, warmup=3, steps=10, train=True, decode=False, out=out)
     return run_isolated(f"apex:{preset}", "compiled" if compiled else "eager", argparse.Namespace(**settings))
 
 
@@ -132,7 +133,8 @@ def table(rows: list[dict]) -> str:
     included), beside the benchmark step at the same shape; their ratios are the loop's overheads."""
     lines = [
         "| preset | GPUs | params (active) | steady tokens/s per GPU (MFU %) | whole run | benchmark step (MFU %) "
-        "| steady / benchmark | whole / steady | warm-up | peak GiB | held-out loss | checkpoint save |",
+        "| steady / benchmark | whole / steady | warm-up (graphs compiled after it) | peak GiB | held-out loss "
+        "| checkpoint save |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -140,6 +142,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['preset']} | failed: see JSON | | | | | | | | | | |")
             continue
         saves = ", ".join(f"{s:.0f} s" for s in r["checkpoint_seconds"]) or "-"
+        recompiled = r["graphs_compiled_after_warmup"]
+        warmup = f"{_number(r['warmup_seconds'], '.0f')} s" + ("" if recompiled is None else f" ({recompiled})")
         steady = (r["steady_tokens_per_second"] or r["tokens_per_second"]) / r["processes"]
         whole = r["whole_run_tokens_per_second"] / r["processes"]
         benchmark = r["benchmark_step_tokens_per_second"]
@@ -148,7 +152,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B) "
             f"| {steady:,.0f} ({_number(r['steady_mfu_percent'], '.1f')}) | {whole:,.0f} "
             f"| {benchmark:,.0f} ({_number(r['benchmark_step_mfu_percent'], '.1f')}) "
-            f"| {steady / benchmark:.2f} | {whole / steady:.2f} | {_number(r['warmup_seconds'], '.0f')} s "
+            f"| {steady / benchmark:.2f} | {whole / steady:.2f} | {warmup} "
             f"| {_number(r['peak_memory_gib'], '.1f')} "
             f"| {r['eval_loss_before']:.2f} -> {r['eval_loss_after']:.2f} | {saves} |"
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, TorchDynamoPlugin
+from accelerate.utils import DistributedType, DynamoBackend, TorchDynamoPlugin
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, get_wsd_schedule
 
 from ..modeling.modeling_apex import ApexSparseMoeBlock
@@ -47,6 +47,16 @@ def make_accelerator(config: PretrainConfig) -> Accelerator:
         raise ValueError(
             f"the Accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}; "
             f"set it only in the recipe (gradient_accumulation_steps={config.gradient_accumulation_steps})"
+        )
+    compiles = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
+    if compiles != config.torch_compile:
+        # Accelerate keeps one state per process, and the first Accelerator's plugin (or ACCELERATE_DYNAMO_BACKEND)
+        # decides it: the recipe's setting would otherwise be dropped without a word
+        raise RuntimeError(
+            f"torch_compile={config.torch_compile}, but Accelerate's state in this process has "
+            f"{'compilation' if compiles else 'no compilation'} (an Accelerator made earlier in the process, or "
+            f"ACCELERATE_DYNAMO_BACKEND, decides it for the whole process); set it in the recipe only, and run the "
+            f"stage in a process of its own (`apex-hf pretrain`)"
         )
     return accelerator
 

@@ -16,6 +16,14 @@ from ..metrics import ApexTrainingStats, console_line
 from .config import PretrainConfig
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile (dynamo) has built in this process so far: a first compilation and every recompilation
+    add one each."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 class TrainingLog:
     """The run's logging state.
 
@@ -25,7 +33,9 @@ class TrainingLog:
       shows loss, tokens/s, MFU and (tqdm's own) the time left;
     - the window since the previous log line: the summed training loss, the steps, and the time with evaluation and
       checkpoints paused out (`paused()`), so that tokens/s and MFU count training time only;
-    - `train_seconds`: the training time of the whole run, a resumed one's earlier time included.
+    - `train_seconds`: the training time of the whole run, a resumed one's earlier time included;
+    - with `torch_compile`, the graphs compiled so far at the end of each window (`compiled_graphs` in each entry):
+      after the first window, which holds the compilation, any new one is a recompilation.
     """
 
     def __init__(
@@ -51,6 +61,8 @@ class TrainingLog:
         )
         self.loss = torch.zeros((), device=accelerator.device)
         self.windows: list[tuple[int, float]] = []  # (steps, training seconds) of each log window of this process
+        # graphs torch.compile had built when the run began and at the end of each log window
+        self.graphs_at_start, self.graphs_at_window_end = compiled_graphs(), []
         self.reset_window()
 
     # ---- the window since the previous log line
@@ -92,6 +104,7 @@ class TrainingLog:
         seconds = self.window_seconds()
         self.train_seconds += seconds
         self.windows.append((self.steps, seconds))
+        self.graphs_at_window_end.append(compiled_graphs())
         entry = {"step": step, "loss": mean_loss, "learning_rate": learning_rate}
         if grad_norm is not None:
             entry["grad_norm"] = float(grad_norm)
@@ -99,6 +112,8 @@ class TrainingLog:
         if self.peak_flops:
             entry["mfu"] = self.mfu(entry["train_tokens_per_second"])
         entry["num_input_tokens_seen"] = step * self.tokens_per_step
+        if config.torch_compile:
+            entry["compiled_graphs"] = self.graphs_at_window_end[-1] - self.graphs_at_start
         if config.data.is_weighted:
             weights = config.data.mixture_weights(step - 1)
             entry.update({f"data/weight/{name}": w for name, w in zip(config.data.sources, weights)})
@@ -149,6 +164,13 @@ class TrainingLog:
             return None, warmup_seconds
         steps, seconds = sum(s for s, _ in steady), sum(t for _, t in steady)
         return steps * self.tokens_per_step / max(seconds, 1e-9), warmup_seconds
+
+    def graphs_compiled_after_warmup(self) -> int | None:
+        """Graphs torch.compile built after the first log window: recompilations, each a stall in the steady state
+        (`TORCH_LOGS=recompiles` says why). None without compilation or with fewer than two windows."""
+        if not self.config.torch_compile or len(self.graphs_at_window_end) < 2:
+            return None
+        return self.graphs_at_window_end[-1] - self.graphs_at_window_end[0]
 
     def eval_losses(self) -> list[float]:
         return [entry["eval_loss"] for entry in self.history if "eval_loss" in entry]

@@ -210,7 +210,8 @@ class PretrainRun:
             raise TrainingStopped(step, saved)
 
     def evaluate(self, step: int) -> None:
-        loss = evaluate(self.model, self.held_out, self.config.per_device_train_batch_size, self.accelerator)
+        batch_size = self.config.per_device_train_batch_size
+        loss = evaluate(self.model, self.held_out, batch_size, self.accelerator, self.use_router_logits)
         self.log.add({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
 
     def checkpoint(self, step: int) -> Path:
@@ -241,6 +242,11 @@ class PretrainRun:
             write_summary(self.folder.staging, summary)
             self.folder.publish()
             mfu_text = f", MFU {summary['mfu']:.1f}%" if summary["mfu"] is not None else ""
+            if summary["graphs_compiled_after_warmup"]:
+                self.say(
+                    f"torch.compile built {summary['graphs_compiled_after_warmup']} graphs after the first log "
+                    "window; each recompilation stalls training (TORCH_LOGS=recompiles names the failed guard)"
+                )
             self.say(
                 f"done in {summary['wall_seconds']:.0f}s: {summary['num_input_tokens_seen']:,} tokens at "
                 f"{summary['train_tokens_per_second']:,.0f} tokens/s{mfu_text}; saved to {final}"
@@ -267,6 +273,7 @@ class PretrainRun:
             "steady_tokens_per_second": steady_tokens_per_second,
             "steady_mfu": log.mfu(steady_tokens_per_second) if steady_tokens_per_second else None,
             "warmup_seconds": warmup_seconds,
+            "graphs_compiled_after_warmup": log.graphs_compiled_after_warmup(),
             "whole_run_tokens_per_second": (config.max_steps - self.start_step) * log.tokens_per_step / wall_seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "wall_seconds": wall_seconds,
@@ -314,16 +321,19 @@ def restore(
 
 
 @torch.no_grad()
-def evaluate(model, rows, batch_size: int, accelerator: Accelerator) -> float:
+def evaluate(model, rows, batch_size: int, accelerator: Accelerator, output_router_logits: bool = False) -> float:
     """Mean next-token cross-entropy over every held-out target, all processes together. Computed from the logits:
-    the model's own loss would add the router balance and MTP losses."""
+    the model's own loss would add the router balance and MTP losses. `output_router_logits` as in training: its
+    first use installs transformers' capture hooks on the routers, and regionally compiled layers guard on their
+    hooks, so an evaluation without them before training would be recompiled at the next one."""
     input_ids, starts = rows
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for start in range(0, len(input_ids), batch_size):
         batch = make_batch(input_ids[start : start + batch_size], starts[start : start + batch_size])
         batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        logits = model(**inputs, use_cache=False, output_router_logits=output_router_logits).logits
         targets = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
         sums += torch.stack([loss.double(), (targets != -100).sum().double()])
