@@ -18,7 +18,6 @@ from __future__ import annotations
 
 # The standard library only until `run_demo`: `apex-hf` builds its parser with `add_demo_arguments`.
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -35,9 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PIPELINE = REPO_ROOT / "recipes" / "apex-small" / "pipeline.yaml"
 MATH_TEST = Path("data/demo/grpo_test.jsonl")  # held-out questions as {"prompt", "answer"} rows
 NEW_SKILL_TEST = Path("data/demo/lora_test_questions.jsonl")
-# Questions generated at a time by the accuracy column's lm-eval runs: the same exact matches as 8 at a time, in
-# about half the time on two cores (the demo's seven measurements: 2 s each instead of 3.5).
-ACCURACY_BATCH_SIZE = 32
 RELOAD_QUESTIONS = 3  # held-out questions of each test file the reloaded model answers
 
 
@@ -85,8 +81,6 @@ def measure(plan) -> list[dict]:
     """One report row per stage: its main metric before → after, and held-out answer accuracy before → after (for
     the LoRA stage, of its new skill, and `kept`: arithmetic before → after, which the adapter must not cost)."""
     from .harness import answer_accuracy
-
-    answer_accuracy = functools.partial(answer_accuracy, batch_size=ACCURACY_BATCH_SIZE)
 
     rows, math_accuracy = [], None
     for planned in plan:

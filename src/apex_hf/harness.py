@@ -232,8 +232,10 @@ def write_results(results: dict, path: str | Path) -> Path:
     return path
 
 
-def answer_accuracy(folder: str | Path, data: str | Path, *, batch_size: int = 8, device: str = "cpu") -> float:
+def answer_accuracy(folder: str | Path, data: str | Path, *, batch_size: int = 32, device: str = "cpu") -> float:
     """The `apex_demo_answers` exact match of the saved model `folder` on the JSONL rows of `data`: the demo's held-out
-    answer accuracy, measured by lm-eval (equal to `evaluation.generation_accuracy` on the same rows)."""
+    answer accuracy, measured by lm-eval (equal to `evaluation.generation_accuracy` on the same rows). 32 questions
+    a call give the same exact matches as 8 in about half the time on two cores (2 s instead of 3.5 for the demo's
+    128 questions)."""
     results = run_lm_eval(folder, ["apex_demo_answers"], data=data, batch_size=batch_size, device=device)
     return metric_summary(results)["apex_demo_answers"]["exact_match"]

@@ -60,9 +60,9 @@ class TrainingLog:
             total=config.max_steps, initial=start_step, desc="pretrain", disable=not accelerator.is_local_main_process
         )
         self.loss = torch.zeros((), device=accelerator.device)
-        self.windows: list[tuple[int, float]] = []  # (steps, training seconds) of each log window of this process
-        # graphs torch.compile had built when the run began and at the end of each log window
-        self.graphs_at_start, self.graphs_at_window_end = compiled_graphs(), []
+        # (steps, training seconds, graphs torch.compile has built by its end) of each log window of this process
+        self.windows: list[tuple[int, float, int]] = []
+        self.graphs_at_start = compiled_graphs()
         self.reset_window()
 
     # ---- the window since the previous log line
@@ -103,8 +103,7 @@ class TrainingLog:
         mean_loss = accelerator.reduce(self.loss, "mean").item() / self.steps  # also waits for the device
         seconds = self.window_seconds()
         self.train_seconds += seconds
-        self.windows.append((self.steps, seconds))
-        self.graphs_at_window_end.append(compiled_graphs())
+        self.windows.append((self.steps, seconds, compiled_graphs()))
         entry = {"step": step, "loss": mean_loss, "learning_rate": learning_rate}
         if grad_norm is not None:
             entry["grad_norm"] = float(grad_norm)
@@ -113,7 +112,7 @@ class TrainingLog:
             entry["mfu"] = self.mfu(entry["train_tokens_per_second"])
         entry["num_input_tokens_seen"] = step * self.tokens_per_step
         if config.torch_compile:
-            entry["compiled_graphs"] = self.graphs_at_window_end[-1] - self.graphs_at_start
+            entry["compiled_graphs"] = self.windows[-1][2] - self.graphs_at_start
         if config.data.is_weighted:
             weights = config.data.mixture_weights(step - 1)
             entry.update({f"data/weight/{name}": w for name, w in zip(config.data.sources, weights)})
@@ -162,15 +161,15 @@ class TrainingLog:
         steady = self.windows[1:]
         if not steady:
             return None, warmup_seconds
-        steps, seconds = sum(s for s, _ in steady), sum(t for _, t in steady)
+        steps, seconds = sum(window[0] for window in steady), sum(window[1] for window in steady)
         return steps * self.tokens_per_step / max(seconds, 1e-9), warmup_seconds
 
     def graphs_compiled_after_warmup(self) -> int | None:
         """Graphs torch.compile built after the first log window: recompilations, each a stall in the steady state
         (`TORCH_LOGS=recompiles` says why). None without compilation or with fewer than two windows."""
-        if not self.config.torch_compile or len(self.graphs_at_window_end) < 2:
+        if not self.config.torch_compile or len(self.windows) < 2:
             return None
-        return self.graphs_at_window_end[-1] - self.graphs_at_window_end[0]
+        return self.windows[-1][2] - self.windows[0][2]
 
     def eval_losses(self) -> list[float]:
         return [entry["eval_loss"] for entry in self.history if "eval_loss" in entry]
