@@ -29,7 +29,7 @@ at an unseen phrasing (the held-out-wording test this replaced left the SFT mode
 without signal). A LoRA test number is held out of its train file (`is_held_out_multiplicand`): that skill must
 generalise to new numbers.
 
-Usage: python scripts/make_demo_data.py [--out data/demo] [--seed 0]
+Usage: python scripts/make_demo_data.py [--scale demo|mini] [--out data/<scale>] [--seed 0]
 """
 
 from __future__ import annotations
@@ -42,12 +42,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-CORPUS_BYTES = 120_000
-MAX_OPERAND = 9
-SFT_ROWS = {"train": 600, "test": 60}
-DPO_ROWS = {"train": 300, "test": 40}
-GRPO_ROWS = {"train": 300, "test": 128}
-LORA_ROWS = {"train": 300, "test": 40}
+# Two sizes of the same task. "demo" (data/demo) is the CPU demo's. "mini" (data/mini), for the demo test
+# (recipes/apex-mini): operands to 6 (77 facts instead of 190), a third of the corpus, half the rows.
+# rows: train and test rows of each stage (the LoRA train file replays as many sums and differences again).
+SCALES = {
+    "demo": dict(
+        max_operand=9,
+        corpus_bytes=120_000,
+        rows={"sft": (600, 60), "dpo": (300, 40), "grpo": (300, 128), "lora": (300, 40)},
+    ),
+    "mini": dict(
+        max_operand=6,
+        corpus_bytes=40_000,
+        rows={"sft": (300, 40), "dpo": (150, 40), "grpo": (150, 60), "lora": (300, 40)},
+    ),
+}
 # SFT and DPO replies that work the sum out before they box it; the rest box the answer first. See `draw_style`.
 WORKED_FIRST_SHARE = 0.4
 
@@ -118,6 +127,15 @@ CHAT = (
 )
 
 
+class TaskRandom(random.Random):
+    """A random stream that also knows the task's largest one-digit operand: every draw of a sum or difference reads it
+    from the stream it draws with."""
+
+    def __init__(self, seed: str, max_operand: int):
+        super().__init__(seed)
+        self.max_operand = max_operand
+
+
 def is_held_out_multiplicand(a: int) -> bool:
     """Whether `a` (times 10 or 100) belongs to the LoRA test split: one number in ten, every last digit."""
     return (a * 7) % 10 == 3 if a < 10 else (a // 10 + a) % 10 == 3
@@ -139,17 +157,17 @@ def answer_first(worked_reply: str) -> str:
     return f"\\boxed{{{boxed}}} because {line}."
 
 
-def draw_style(rng: random.Random) -> Callable[[str], str]:
+def draw_style(rng: TaskRandom) -> Callable[[str], str]:
     """One of the two reply styles SFT and DPO teach, as a function of the worked-first reply: worked first (kept as it
     is, `WORKED_FIRST_SHARE` of the draws) or answer first."""
     return str if rng.random() < WORKED_FIRST_SHARE else answer_first
 
 
-def sample_pair(rng: random.Random, op: str, held_out: bool = False, low: int = 0) -> tuple[int, int]:
+def sample_pair(rng: TaskRandom, op: str, held_out: bool = False, low: int = 0) -> tuple[int, int]:
     """Operands for `op`. Sums and differences: any one-digit pair (from `low`). Products, the LoRA skill: a number
     from 2 to 99, from the test numbers or the train ones (`held_out`), times 10 or 100."""
     if op != "*":
-        a, b = rng.randint(low, MAX_OPERAND), rng.randint(low, MAX_OPERAND)
+        a, b = rng.randint(low, rng.max_operand), rng.randint(low, rng.max_operand)
         return (b, a) if op == "-" and a < b else (a, b)
     while True:
         a, b = rng.randint(2, 99), rng.choice((10, 100))
@@ -163,15 +181,15 @@ def is_test_question(question: str) -> bool:
     return zlib.crc32(question.encode()) % 8 == 0
 
 
-def bare_question(rng: random.Random, op: str, a: int, b: int) -> str:
+def bare_question(rng: TaskRandom, op: str, a: int, b: int) -> str:
     return rng.choice(BARE_QUESTIONS).format(a=a, op=op, b=b, word=OP_WORDS[op])
 
 
-def word_problem(rng: random.Random, op: str, a: int, b: int) -> str:
+def word_problem(rng: TaskRandom, op: str, a: int, b: int) -> str:
     return rng.choice(WORD_QUESTIONS[op]).format(a=a, b=b, name=rng.choice(NAMES), obj=rng.choice(OBJECTS))
 
 
-def draw_problem(rng: random.Random, op: str, is_word: bool, held_out: bool) -> tuple[str, int, int]:
+def draw_problem(rng: TaskRandom, op: str, is_word: bool, held_out: bool) -> tuple[str, int, int]:
     """(question, a, b) for `op`, drawn again until it belongs to the split `held_out` asks for. Sums and differences:
     the question is held out (`is_test_question`); products (the LoRA skill): the number is."""
     ask = word_problem if is_word else bare_question
@@ -182,7 +200,7 @@ def draw_problem(rng: random.Random, op: str, is_word: bool, held_out: bool) -> 
             return question, a, b
 
 
-def math_problems(rng: random.Random, n: int, ops: str, held_out: bool) -> list[tuple[str, int, str, int]]:
+def math_problems(rng: TaskRandom, n: int, ops: str, held_out: bool) -> list[tuple[str, int, str, int]]:
     """`n` distinct (question, a, op, b), shuffled: two bare questions for every word problem."""
     problems, seen = [], set()
     while len(problems) < n:
@@ -199,7 +217,7 @@ def chat_row(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def sft_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+def sft_rows(rng: TaskRandom, n: int, held_out: bool) -> list[dict]:
     n_chat = n // 10
     # train cycles through every small-talk pair; test samples a few of them (they are fixed facts, not held out)
     chat = [CHAT[i % len(CHAT)] for i in range(n_chat)] if n_chat >= len(CHAT) else rng.sample(CHAT, n_chat)
@@ -210,11 +228,11 @@ def sft_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
     return rows
 
 
-def rejected_answer(rng: random.Random, kind: int, a: int, op: str, b: int) -> str:
+def rejected_answer(rng: TaskRandom, kind: int, a: int, op: str, b: int) -> str:
     """A wrong reply of the kinds a small chat model makes, each consistent with itself except where noted."""
     c = solve(a, op, b)
     if kind == 0:  # an operand misread from the question (and the result of the misread sum)
-        other = rng.choice([n for n in range(MAX_OPERAND + 1) if n != b and (op == "+" or n <= a)])
+        other = rng.choice([n for n in range(rng.max_operand + 1) if n != b and (op == "+" or n <= a)])
         return worked(a, op, other)
     if kind == 1:  # the worked line right, the box not
         wrong = rng.choice([n for n in range(max(c - 3, 0), c + 4) if n != c])
@@ -224,7 +242,7 @@ def rejected_answer(rng: random.Random, kind: int, a: int, op: str, b: int) -> s
     return f"{a} {op} {b} = {wrong}. \\boxed{{{wrong}}}"
 
 
-def dpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+def dpo_rows(rng: TaskRandom, n: int, held_out: bool) -> list[dict]:
     """Preference pairs in SFT's mix of styles, both replies of a pair in the same style: a pair then says nothing
     about which style to use (its first tokens cancel in DPO's log-ratio), so DPO leaves the style to GRPO."""
     rows = []
@@ -242,14 +260,14 @@ def dpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
     return rows
 
 
-def grpo_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+def grpo_rows(rng: TaskRandom, n: int, held_out: bool) -> list[dict]:
     return [
         {"prompt": [{"role": "user", "content": q}], "answer": str(solve(a, op, b))}
         for q, a, op, b in math_problems(rng, n, "+-", held_out)
     ]
 
 
-def lora_rows(rng: random.Random, n: int, held_out: bool) -> list[dict]:
+def lora_rows(rng: TaskRandom, n: int, held_out: bool) -> list[dict]:
     """`n` multiplication chats; the train file also replays as many sums and differences, so that the adapter adds the
     skill with less forgetting of the ones it had (without them it answered every sum with a product; with a third as
     many, held-out arithmetic fell from 49 % to 14 %; with as many, from 46 % to 31 %: one demo run each)."""
@@ -266,14 +284,14 @@ def as_question(row: dict) -> dict:
     return {"prompt": [user], "answer": assistant["content"].rsplit("\\boxed{", 1)[1].rstrip("}")}
 
 
-def practice_doc(rng: random.Random) -> str:
+def practice_doc(rng: TaskRandom) -> str:
     op = rng.choice("+-")
     title = {"+": "Addition practice.", "-": "Subtraction practice."}[op]
     pairs = [sample_pair(rng, op) for _ in range(rng.randint(5, 8))]
     return "\n".join([title] + [worked(a, op, b) for a, b in pairs])
 
 
-def training_problems(rng: random.Random, is_word: bool) -> list[tuple[str, int, str, int]]:
+def training_problems(rng: TaskRandom, is_word: bool) -> list[tuple[str, int, str, int]]:
     """3 to 5 train questions (bare or word problems) with their sums or differences, as (question, a, op, b)."""
     problems = []
     for _ in range(rng.randint(3, 5)):
@@ -283,22 +301,22 @@ def training_problems(rng: random.Random, is_word: bool) -> list[tuple[str, int,
     return problems
 
 
-def word_problems_doc(rng: random.Random) -> str:
+def word_problems_doc(rng: TaskRandom) -> str:
     return "\n".join(f"{q} {worked(a, op, b)}" for q, a, op, b in training_problems(rng, is_word=True))
 
 
-def question_answer_doc(rng: random.Random) -> str:
+def question_answer_doc(rng: TaskRandom) -> str:
     lines = []
     for q, a, op, b in training_problems(rng, is_word=False):
         lines += [f"Question: {q}", f"Answer: {worked(a, op, b)}"]
     return "\n".join(lines)
 
 
-def fact_family_doc(rng: random.Random) -> str:
+def fact_family_doc(rng: TaskRandom) -> str:
     while True:
         a, b = sample_pair(rng, "+", low=1)
         c = a + b
-        if c <= MAX_OPERAND:
+        if c <= rng.max_operand:
             break
     return (
         f"The numbers {a}, {b} and {c} make a fact family.\n"
@@ -315,7 +333,7 @@ def fact_family_doc(rng: random.Random) -> str:
 CORPUS_DOCS = (practice_doc, word_problems_doc, question_answer_doc, fact_family_doc)
 
 
-def corpus(rng: random.Random, max_bytes: int) -> str:
+def corpus(rng: TaskRandom, max_bytes: int) -> str:
     docs, size = [], 0
     while size < max_bytes:
         doc = rng.choice(CORPUS_DOCS)(rng)
@@ -333,23 +351,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text(text, encoding="utf-8", newline="\n")
 
 
-def build(out: Path, seed: int) -> list[Path]:
+def build(out: Path, seed: int, scale: str = "demo") -> list[Path]:
+    size = SCALES[scale]
     out.mkdir(parents=True, exist_ok=True)
 
     # one stream per file, so that changing one file's recipe leaves the other files as they are
-    def rng(name: str) -> random.Random:
-        return random.Random(f"{seed}:{name}")
+    def rng(name: str) -> TaskRandom:
+        return TaskRandom(f"{seed}:{name}", size["max_operand"])
 
     path = out / "arithmetic_corpus.txt"
-    path.write_text(corpus(rng(path.name), CORPUS_BYTES), encoding="utf-8", newline="\n")
+    path.write_text(corpus(rng(path.name), size["corpus_bytes"]), encoding="utf-8", newline="\n")
     paths = [path]
-    for stage, make_rows, counts in (
-        ("sft", sft_rows, SFT_ROWS),
-        ("dpo", dpo_rows, DPO_ROWS),
-        ("grpo", grpo_rows, GRPO_ROWS),
-        ("lora", lora_rows, LORA_ROWS),
-    ):
-        for split, n in counts.items():
+    for stage, make_rows in (("sft", sft_rows), ("dpo", dpo_rows), ("grpo", grpo_rows), ("lora", lora_rows)):
+        for split, n in zip(("train", "test"), size["rows"][stage]):
             path = out / f"{stage}_{split}.jsonl"
             write_jsonl(path, make_rows(rng(path.name), n, held_out=split == "test"))
             paths.append(path)
@@ -361,10 +375,12 @@ def build(out: Path, seed: int) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "data" / "demo"))
+    p.add_argument("--scale", choices=sorted(SCALES), default="demo", help="the task's size (default: demo)")
+    p.add_argument("--out", default=None, help="output folder (default: data/<scale>)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for path in build(Path(args.out), args.seed):
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "data" / args.scale
+    for path in build(out, args.seed, args.scale):
         text = path.read_text(encoding="utf-8")
         print(f"wrote {path} ({len(text.encode())} bytes, {text.count(chr(10))} lines)")
     return 0

@@ -101,6 +101,24 @@ def test_shipped_data_matches_generator(generated):
         assert (SHIPPED / name).read_bytes() == (generated / name).read_bytes(), f"{name}: rerun the script"
 
 
+@pytest.mark.parametrize("scale", ["mini"])
+def test_shipped_smaller_scale_matches_generator(scale, tmp_path):
+    """data/mini, the demo test's data: the generator's output at that scale, operands up to its `max_operand`."""
+    make_demo_data.main(["--scale", scale, "--out", str(tmp_path)])
+    shipped = REPO_ROOT / "data" / scale
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == sorted(path.name for path in shipped.iterdir()) == sorted(["arithmetic_corpus.txt", *ROW_COUNTS])
+    for name in names:
+        assert (shipped / name).read_bytes() == (tmp_path / name).read_bytes(), f"{name}: rerun the script"
+    largest = make_demo_data.SCALES[scale]["max_operand"]
+    for name in ("sft_test.jsonl", "grpo_test.jsonl", "dpo_train.jsonl"):
+        for line in (shipped / name).read_text(encoding="utf-8").splitlines():
+            question = json.loads(line)
+            question = (question["messages"] if "messages" in question else question["prompt"])[0]["content"]
+            if question not in dict(make_demo_data.CHAT):
+                assert max(recompute(question)[:3:2]) <= largest, question
+
+
 def test_sizes_and_row_counts():
     for name, count in ROW_COUNTS.items():
         assert len(read_rows(name)) == count, name

@@ -32,14 +32,22 @@ from .stage_folder import read_log_history, read_summary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PIPELINE = REPO_ROOT / "recipes" / "apex-small" / "pipeline.yaml"
-MATH_TEST = Path("data/demo/grpo_test.jsonl")  # held-out questions as {"prompt", "answer"} rows
-NEW_SKILL_TEST = Path("data/demo/lora_test_questions.jsonl")
+DEFAULT_DATA = Path("data/demo")
+# held-out questions as {"prompt", "answer"} rows, in the data folder (scripts/make_demo_data.py writes them)
+MATH_TEST = "grpo_test.jsonl"
+NEW_SKILL_TEST = "lora_test_questions.jsonl"
 RELOAD_QUESTIONS = 3  # held-out questions of each test file the reloaded model answers
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE), help="pipeline YAML (default: apex-small)")
     parser.add_argument("--output-dir", default="outputs/apex-small", help="stage folders, report and plot go here")
+    parser.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help=f"the pipeline's data folder, relative to the repository: its {MATH_TEST} and {NEW_SKILL_TEST} give the "
+        f"held-out answer accuracy (default: {DEFAULT_DATA})",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished stages, resume an unfinished one")
     parser.add_argument("--overwrite", action="store_true", help="replace stage folders of an earlier demo")
     parser.add_argument(
@@ -77,7 +85,7 @@ def stage_metrics(stage: str, history: list[dict]) -> dict:
     return row
 
 
-def measure(plan) -> list[dict]:
+def measure(plan, data: Path) -> list[dict]:
     """One report row per stage: its main metric before → after, and held-out answer accuracy before → after (for
     the LoRA stage, of its new skill, and `kept`: arithmetic before → after, which the adapter must not cost)."""
     from .harness import answer_accuracy
@@ -92,10 +100,13 @@ def measure(plan) -> list[dict]:
         if planned.stage != "pretrain" and planned.recipe.peft is not None:  # a new skill, not arithmetic
             previous = plan[plan.index(planned) - 1].output_dir
             row["accuracy_task"] = "multiplication"
-            row["accuracy"] = [answer_accuracy(previous, NEW_SKILL_TEST), answer_accuracy(folder, NEW_SKILL_TEST)]
-            row["kept"] = [math_accuracy, answer_accuracy(folder, MATH_TEST)]
+            row["accuracy"] = [
+                answer_accuracy(previous, data / NEW_SKILL_TEST),
+                answer_accuracy(folder, data / NEW_SKILL_TEST),
+            ]
+            row["kept"] = [math_accuracy, answer_accuracy(folder, data / MATH_TEST)]
         else:
-            after = answer_accuracy(folder, MATH_TEST)
+            after = answer_accuracy(folder, data / MATH_TEST)
             row["accuracy_task"] = "arithmetic"
             row["accuracy"] = [math_accuracy, after]
             math_accuracy = after
@@ -256,18 +267,24 @@ def run_demo(args: argparse.Namespace) -> dict:
     if not (REPO_ROOT / "data" / "demo").is_dir():
         raise SystemExit(f"the demo runs from a source checkout of apex-hf; {REPO_ROOT / 'data' / 'demo'} is missing")
     os.chdir(REPO_ROOT)  # the recipes name their data files relative to the repository root
+    data = Path(args.data)
+    missing = [name for name in (MATH_TEST, NEW_SKILL_TEST) if not (data / name).is_file()]
+    if missing:
+        raise SystemExit(
+            f"--data {args.data}: {missing} not found under {REPO_ROOT} (scripts/make_demo_data.py writes them)"
+        )
     threads = args.threads or min(os.cpu_count() or 1, 8)
     torch.set_num_threads(threads)
 
     start = time.perf_counter()
     plan = plan_pipeline(args.pipeline, ["--output_dir", str(output_dir)])
     run_pipeline(plan, resume=args.resume, overwrite=args.overwrite)
-    rows = measure(plan)
+    rows = measure(plan, data)
     table = format_report(rows)
     plot_curves(plan, output_dir / "curves.png")
     report = {"stages": rows, "wall_seconds": time.perf_counter() - start}
     if not args.skip_reload:
-        rows = reload_questions([MATH_TEST, NEW_SKILL_TEST])
+        rows = reload_questions([data / MATH_TEST, data / NEW_SKILL_TEST])
         questions = [row["prompt"][-1]["content"] for row in rows]
         reloaded = reload_in_fresh_process(plan[-1].output_dir, questions, threads)
         report["reload"] = {"model_class": reloaded["model_class"], "answers": mark_answers(rows, reloaded["answers"])}
