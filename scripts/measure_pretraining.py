@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import re
 import subprocess
 import sys
 import time
@@ -30,12 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "recipes" / "bench-moe" / "pretrain.yaml"
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from make_demo_data import corpus  # noqa: E402  (the demo's arithmetic document generators)
+from make_demo_data import SCALES, TaskRandom, corpus  # noqa: E402  (the demo's arithmetic document generators)
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(corpus(random.Random(seed), int(megabytes * 1e6)))
+    path.write_text(corpus(TaskRandom(str(seed), SCALES["demo"]["max_operand"]), int(megabytes * 1e6)))
     return path
 
 
@@ -84,7 +82,6 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     if run.returncode != 0:
         return {"preset": preset, "error": (run.stdout + run.stderr)[-3000:]}
     summary = read_summary(output_dir)
-    saves = [float(s) for s in re.findall(r"saved \S+ in ([\d.]+)s", run.stdout + run.stderr)]
     config = json.loads((output_dir / "config.json").read_text())
     recipe = summary["config"]
     batch, seq_len = recipe["per_device_train_batch_size"], recipe["seq_len"]
@@ -110,7 +107,7 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
         "peak_memory_gib": summary["peak_memory_gib"],
         "eval_loss_before": summary["eval_loss_before"],
         "eval_loss_after": summary["eval_loss_after"],
-        "checkpoint_seconds": saves,
+        "wall_seconds_by_phase": summary["wall_seconds_by_phase"],
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -128,20 +125,27 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)  # no MFU / peak memory without a known GPU
 
 
+SETUP_PHASES = ("data", "tokenizer", "model", "batches", "prepare")  # `PretrainRun.build`'s, before the first step
+
+
 def table(rows: list[dict]) -> str:
     """Tokens/s per GPU: steady state (after the first log window) and whole run (wall clock, loading and saving
     included), beside the benchmark step at the same shape; their ratios are the loop's overheads."""
     lines = [
         "| preset | GPUs | params (active) | steady tokens/s per GPU (MFU %) | whole run | benchmark step (MFU %) "
         "| steady / benchmark | whole / steady | warm-up (graphs compiled after it) | peak GiB | held-out loss "
-        "| checkpoint save |",
+        "| seconds outside the steps: setup (model) / evaluation / checkpoints / final save |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['preset']} | failed: see JSON | | | | | | | | | | |")
             continue
-        saves = ", ".join(f"{s:.0f} s" for s in r["checkpoint_seconds"]) or "-"
+        phases = r["wall_seconds_by_phase"]
+        setup = sum(phases.get(name, 0.0) for name in SETUP_PHASES)
+        outside = f"{setup:.0f} ({phases['model']:.0f}) / " + " / ".join(
+            f"{phases.get(name, 0.0):.0f}" for name in ("evaluation", "checkpoints", "final_save")
+        )
         recompiled = r["graphs_compiled_after_warmup"]
         warmup = f"{_number(r['warmup_seconds'], '.0f')} s" + ("" if recompiled is None else f" ({recompiled})")
         steady = (r["steady_tokens_per_second"] or r["tokens_per_second"]) / r["processes"]
@@ -154,7 +158,7 @@ def table(rows: list[dict]) -> str:
             f"| {benchmark:,.0f} ({_number(r['benchmark_step_mfu_percent'], '.1f')}) "
             f"| {steady / benchmark:.2f} | {whole / steady:.2f} | {warmup} "
             f"| {_number(r['peak_memory_gib'], '.1f')} "
-            f"| {r['eval_loss_before']:.2f} -> {r['eval_loss_after']:.2f} | {saves} |"
+            f"| {r['eval_loss_before']:.2f} -> {r['eval_loss_after']:.2f} | {outside} |"
         )
     return "\n".join(lines)
 

@@ -269,7 +269,7 @@ RECIPE_CASES = [
     ("pretrain", ["--seq_len", "-5"], ValueError, ["seq_len=-5"]),
     ("pretrain", ["--learning_rate", "fast"], ValueError, ["learning_rate='fast'", "a number"]),
     ("pretrain", ["--learning_rate", ".inf"], ValueError, ["learning_rate=inf", "finite"]),
-    ("pretrain", ["--torch_compile", "sometimes"], ValueError, ["torch_compile='sometimes'", "true or false"]),
+    ("pretrain", ["--torch_compile", "sometimes"], ValueError, ["torch_compile='sometimes'", "true, false or auto"]),
     ("pretrain", ["--max_step", "3"], ValueError, ["'max_step'", "did you mean 'max_steps'"]),
     ("pretrain", ["--tokenizer.train_vocab_size", "many"], ValueError, ["[tokenizer]", "train_vocab_size='many'"]),
     (

@@ -177,6 +177,25 @@ def test_adamw_is_fused_on_gpus_only(device, tmp_path):
     assert {p.device.type for group in optimizer.param_groups for p in group["params"]} == {device}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_new_model_is_built_where_it_will_train(device, tmp_path):
+    """On a GPU that holds the whole model, the preset's weights are created and initialised there (no CPU copy);
+    `build_model` creates them on the device it is given (here also the meta device: nothing is allocated)."""
+    from accelerate import Accelerator
+
+    from apex_hf.pretrain.build import build_device, build_model
+    from apex_hf.tokenizer import train_bpe_tokenizer
+
+    config = load_pretrain_config(TINY_RECIPE, ["--output_dir", str(tmp_path)])
+    accelerator = Accelerator(cpu=device == "cpu")
+    assert build_device(accelerator).type == device
+    tokenizer = train_bpe_tokenizer(iter(["1 + 2 = 3.", "Hello there."] * 50), 300)
+    for where in (build_device(accelerator), torch.device("meta")):
+        model = build_model(config, tokenizer, where)
+        assert {p.device.type for p in model.parameters()} == {where.type}
+        assert model.config.vocab_size >= len(tokenizer)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # end to end
 
@@ -224,6 +243,13 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
     assert summary["warmup_seconds"] == pytest.approx(tokens_per_window / window_rates[0])
     assert summary["steady_tokens_per_second"] == pytest.approx(3 / sum(1 / rate for rate in window_rates[1:]))
     assert summary["whole_run_tokens_per_second"] < summary["train_tokens_per_second"]  # loading, evals, saves
+    # where the wall clock went outside the steps: each phase timed, together within the run's wall clock
+    phases = summary["wall_seconds_by_phase"]
+    assert list(phases) == [
+        "training_steps", "data", "tokenizer", "model", "batches", "prepare", "evaluation", "checkpoints", "final_save"
+    ]  # fmt: skip
+    assert all(seconds > 0 for seconds in phases.values()), phases
+    assert phases["training_steps"] == summary["train_runtime"] and sum(phases.values()) < summary["wall_seconds"]
     assert summary["graphs_compiled_after_warmup"] is None and "compiled_graphs" not in train_logs[-1]  # eager
     # the TensorBoard tracker wrote every logged scalar
     events = _tensorboard_scalars(output_dir / output_dir.name)
@@ -242,6 +268,30 @@ def test_torch_compile_is_refused_where_the_process_already_decided_against_it(t
     config = load_pretrain_config(TINY_RECIPE, ["--output_dir", str(tmp_path), "--torch_compile", "true"])
     with pytest.raises(RuntimeError, match=r"torch_compile=True, but Accelerate's state in this process has no comp"):
         make_accelerator(config)
+
+
+def test_torch_compile_auto_compiles_long_gpu_runs_only(tmp_path, monkeypatch):
+    """`torch_compile: auto` (the default) compiles on a GPU from `COMPILE_AUTO_MIN_STEPS` steps; true and false are
+    kept; the run decides it before Accelerate starts, and Accelerate never sees "auto"."""
+    from apex_hf.pretrain.build import COMPILE_AUTO_MIN_STEPS, compiles, make_accelerator
+
+    def config(*overrides):
+        return load_pretrain_config(TINY_RECIPE, ["--output_dir", str(tmp_path), *overrides])
+
+    assert config().torch_compile == "auto"
+    long_run = ["--max_steps", str(COMPILE_AUTO_MIN_STEPS), "--warmup_steps", "2"]
+    short_run = ["--max_steps", str(COMPILE_AUTO_MIN_STEPS - 1), "--warmup_steps", "2"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not compiles(config(*long_run))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compiles(config(*long_run)) and not compiles(config(*short_run))
+    assert compiles(config(*short_run, "--torch_compile", "true")) and not compiles(
+        config(*long_run, "--torch_compile", "false")
+    )
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert not compiles(config(*long_run))
+    with pytest.raises(ValueError, match="torch_compile must be decided before Accelerate starts"):
+        make_accelerator(config())
 
 
 @pytest.fixture(scope="module")
@@ -546,7 +596,11 @@ def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
         steady_tokens_per_second=160_000.0, tokens_per_second=150_000.0, steady_mfu_percent=40.0,
         whole_run_tokens_per_second=140_000.0, benchmark_step_tokens_per_second=100_000.0,
         benchmark_step_mfu_percent=50.0, warmup_seconds=30.4, graphs_compiled_after_warmup=0, peak_memory_gib=60.0,
-        eval_loss_before=10.4, eval_loss_after=3.2, checkpoint_seconds=[12.0],
+        eval_loss_before=10.4, eval_loss_after=3.2,
+        wall_seconds_by_phase=dict(
+            training_steps=90.0, data=0.5, tokenizer=3.2, model=1.4, batches=4.0, prepare=0.6, evaluation=2.6,
+            checkpoints=12.0, final_save=6.2,
+        ),
     )  # fmt: skip
     lines = script.table([row, {**row, "compiled": False, "graphs_compiled_after_warmup": None}]).splitlines()
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
@@ -555,3 +609,4 @@ def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
     assert compiled[0] == "bench-moe (compiled)" and eager[0] == "bench-moe"
     assert compiled[3:8] == ["80,000 (40.0)", "70,000", "100,000 (50.0)", "0.80", "0.88"]  # per GPU, and ratios
     assert compiled[8] == "30 s (0)" and eager[8] == "30 s"
+    assert compiled[11] == "10 (1) / 3 / 12 / 6"  # setup 9.7 s, the model built in 1.4

@@ -266,7 +266,9 @@ class PretrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # "no" | "bf16" (autocast; weights and optimizer state stay float32)
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (transformers 5 name)
-    torch_compile: bool = False  # compile each decoder layer (regional compilation, as torchtitan does)
+    # compile each decoder layer (regional compilation, as torchtitan does); "auto": on a GPU for runs of at least
+    # `build.COMPILE_AUTO_MIN_STEPS` steps, where the faster steps repay the compilation
+    torch_compile: bool | str = "auto"
     seed: int = 0
     logging_steps: int = 10
     eval_steps: int = 0  # held-out loss every eval_steps; 0: only before and after training
@@ -284,6 +286,9 @@ class PretrainConfig:
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         _require(bool(self.output_dir), "output_dir", self.output_dir, "a folder")
+        _require(
+            self.torch_compile in (True, False, "auto"), "torch_compile", self.torch_compile, "true, false or auto"
+        )
         for name in (
             "seq_len",
             "max_steps",

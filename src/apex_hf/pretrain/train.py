@@ -21,6 +21,7 @@ so a failure leaves the folder as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -41,7 +42,15 @@ from ..counting import ApexCount, count, peak_flops_per_device
 from ..outputs import RunFolder
 from ..recipe import is_hub_repo_id
 from ..stage_folder import NothingToResume, check_model_folder, write_summary, write_trainer_state
-from .build import build_batches, build_model, build_tokenizer, make_accelerator, prepare_training
+from .build import (
+    build_batches,
+    build_device,
+    build_model,
+    build_tokenizer,
+    compiles,
+    make_accelerator,
+    prepare_training,
+)
 from .checkpoint import StopRequest, TrainingStopped, find_checkpoints, restore_checkpoint, save_checkpoint
 from .config import PretrainConfig, load_pretrain_config
 from .data import PackedBatches, load_documents, make_batch
@@ -99,6 +108,8 @@ class PretrainRun:
     start_step: int  # the step a resumed run restored, else 0
     log: TrainingLog
     started: float  # time.perf_counter() when the run began
+    # wall-clock seconds outside the training steps, by phase: setup (`build`), evaluation, checkpoints, final save
+    phase_seconds: dict[str, float]
     output_dir: Path = field(init=False)
     expert_load_sync: ExpertLoadSync = field(init=False)
     use_router_logits: bool = field(init=False)
@@ -115,26 +126,31 @@ class PretrainRun:
     def build(cls, config: PretrainConfig, folder: RunFolder) -> PretrainRun:
         """Set up: the processes, the data, the tokenizer (a resumed run's own), the model and its optimizer, then the
         state of the checkpoint a resumed run continues from."""
-        started = time.perf_counter()
-        config = copy.copy(config)  # the caller's config keeps its output_dir
+        started, phases = time.perf_counter(), {}
+        config = copy.copy(config)  # the caller's config keeps its output_dir and torch_compile
         config.output_dir = str(folder.work)
+        config.torch_compile = compiles(config)  # "auto" decided: the summary and the log say what ran
         accelerator = make_accelerator(config)
         say = functools.partial(announce, accelerator)
         resumable = find_resumable(config, accelerator, say)
         set_seed(config.seed)
-        with accelerator.main_process_first():  # the main process fills datasets' cache; the others then read it
+        with timed(phases, "data"), accelerator.main_process_first():  # the main process fills datasets' cache
             sources, held_out_documents = load_documents(config.data, config.seed)
-        if resumable:  # the run's own tokenizer (a trained BPE is not retrained)
-            tokenizer = AutoTokenizer.from_pretrained(resumable[0])
-        else:
-            tokenizer = build_tokenizer(config, sources, accelerator)
-        model = build_model(config, tokenizer)
-        train_batches, held_out = build_batches(config, accelerator, tokenizer, sources, held_out_documents)
+        with timed(phases, "tokenizer"):
+            if resumable:  # the run's own tokenizer (a trained BPE is not retrained)
+                tokenizer = AutoTokenizer.from_pretrained(resumable[0])
+            else:
+                tokenizer = build_tokenizer(config, sources, accelerator)
+        with timed(phases, "model"):
+            model = build_model(config, tokenizer, build_device(accelerator))
+        with timed(phases, "batches"):
+            train_batches, held_out = build_batches(config, accelerator, tokenizer, sources, held_out_documents)
         # ZeRO-3 may partition the weights as they are built: `ds_numel` is a partitioned parameter's full size
         num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         counts = count(model.config, seq_len=config.seq_len)
-        model, optimizer, scheduler = prepare_training(accelerator, model, config)
-        start_step, history, train_seconds = restore(config, accelerator, resumable, train_batches, say)
+        with timed(phases, "prepare"):
+            model, optimizer, scheduler = prepare_training(accelerator, model, config)
+            start_step, history, train_seconds = restore(config, accelerator, resumable, train_batches, say)
         peak_flops = config.peak_tflops * 1e12 if config.peak_tflops else peak_flops_per_device(accelerator.device)
         log = TrainingLog(config, accelerator, model, counts, peak_flops, start_step, history, train_seconds)
         if config.report_to:
@@ -154,6 +170,7 @@ class PretrainRun:
             start_step=start_step,
             log=log,
             started=started,
+            phase_seconds=phases,
         )
 
     def say(self, message: str) -> None:
@@ -211,21 +228,22 @@ class PretrainRun:
 
     def evaluate(self, step: int) -> None:
         batch_size = self.config.per_device_train_batch_size
-        loss = evaluate(self.model, self.held_out, batch_size, self.accelerator, self.use_router_logits)
+        with timed(self.phase_seconds, "evaluation"):
+            loss = evaluate(self.model, self.held_out, batch_size, self.accelerator, self.use_router_logits)
         self.log.add({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
 
     def checkpoint(self, step: int) -> Path:
-        started = time.perf_counter()
-        folder = save_checkpoint(
-            self.accelerator,
-            self.output_dir,
-            step,
-            self.train_batches.state_dict(),
-            self.log.trainer_state(step),
-            self.tokenizer,
-            self.config.save_total_limit,
-        )
-        self.say(f"saved {folder} in {time.perf_counter() - started:.1f}s")
+        with timed(self.phase_seconds, "checkpoints") as elapsed:
+            folder = save_checkpoint(
+                self.accelerator,
+                self.output_dir,
+                step,
+                self.train_batches.state_dict(),
+                self.log.trainer_state(step),
+                self.tokenizer,
+                self.config.save_total_limit,
+            )
+        self.say(f"saved {folder} in {elapsed():.1f}s")
         return folder
 
     def finish(self) -> Path:
@@ -235,7 +253,10 @@ class PretrainRun:
         if accelerator.is_main_process:
             self.folder.new_staging()
         accelerator.wait_for_everyone()
-        save(accelerator, self.model, self.tokenizer, self.folder.staging, self.log.trainer_state(config.max_steps))
+        with timed(self.phase_seconds, "final_save"):
+            save(
+                accelerator, self.model, self.tokenizer, self.folder.staging, self.log.trainer_state(config.max_steps)
+            )
         summary = self.summary()
         if accelerator.is_main_process:
             write_model_card(config, summary, self.folder.staging, final.name)
@@ -277,6 +298,9 @@ class PretrainRun:
             "whole_run_tokens_per_second": (config.max_steps - self.start_step) * log.tokens_per_step / wall_seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "wall_seconds": wall_seconds,
+            # where the wall clock went: the training steps (warm-up included; a resumed run's earlier steps too) and
+            # each phase of this process outside them
+            "wall_seconds_by_phase": {"training_steps": log.train_seconds, **self.phase_seconds},
             "resumed_from_step": self.start_step or None,
             "num_parameters": self.num_parameters,
             "num_active_parameters": self.counts.active,
@@ -284,6 +308,14 @@ class PretrainRun:
             "num_processes": self.accelerator.num_processes,
             "config": {**dataclasses.asdict(config), "output_dir": str(self.folder.final)},
         }
+
+
+@contextlib.contextmanager
+def timed(phases: dict[str, float], name: str):
+    """Adds the block's wall-clock seconds to `phases[name]`; yields a function that gives the block's own seconds."""
+    started = time.perf_counter()
+    yield lambda: time.perf_counter() - started
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
 
 
 def announce(accelerator: Accelerator, message: str) -> None:
