@@ -12,10 +12,12 @@ default experts implementation on a GPU (`--experts` overrides both): transforme
   the GPU's dense bf16 peak); peak memory.
 * Training is measured eager and with each decoder layer compiled (`torch.compile`, regional, as the pre-training
   recipe's `torch_compile: true` does), for every model alike.
-* LoRA: `lora:apex-7b-lora` fine-tunes the 7B-class preset with PEFT LoRA at 4,096 tokens, the process capped at
-  24 GiB (`torch.cuda.set_per_process_memory_fraction`): tokens/s and peak memory, or the out-of-memory.
-* Greedy decode: bf16 weights, a 32-token prompt, 128 new tokens, batch 1 and 32; with the dynamic cache, and with a
-  static cache, for which transformers compiles the forward itself.
+* LoRA: `lora:apex-7b-lora:TOKENS` fine-tunes the 7B-class preset with PEFT LoRA on one sequence of 4,096 and of
+  16,384 tokens, the process capped at 24 GiB (`torch.cuda.set_per_process_memory_fraction`): tokens/s and peak
+  memory, or the out-of-memory.
+* Greedy decode: bf16 weights, a 32-token prompt, 128 new tokens, batch 1 and 32; `generate` with the dynamic cache,
+  and with a static cache, for which transformers compiles the forward itself; and `apex_hf.decoding.GreedyDecoder`
+  (the step compiled and captured as one CUDA graph), for every model alike.
 
 Each model and mode runs in its own process (clean memory counters, no compiled graphs carried over). Prints a
 markdown table and writes JSON, after every row. All rows take about 7 minutes on an H200 with warm torch.compile
@@ -42,6 +44,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3Moe
 
 from apex_hf import ApexForCausalLM
 from apex_hf.counting import count, peak_flops_per_device
+from apex_hf.decoding import GreedyDecoder
 from apex_hf.presets import get_preset
 
 
@@ -166,6 +169,14 @@ def decode(model: torch.nn.Module, batch: int, static: bool) -> float:
     return batch * NEW_TOKENS / seconds
 
 
+def graphed_decode(model: torch.nn.Module, batch: int) -> float:
+    """The same generation through the device-side loop; its first call compiles and captures the step."""
+    decoder = GreedyDecoder(model, max_length=PROMPT_TOKENS + NEW_TOKENS, batch_size=batch)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device="cuda")
+    seconds = timed(lambda: decoder.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True), warmup=2, steps=3)
+    return batch * NEW_TOKENS / seconds
+
+
 def compile_layers(model: torch.nn.Module) -> None:
     """Regional compilation (each decoder layer on its own), as torchtitan does: the layers share one compiled
     graph, and the routing's data-dependent parts stay outside whole-model graph constraints."""
@@ -174,12 +185,13 @@ def compile_layers(model: torch.nn.Module) -> None:
 
 
 LORA_MEMORY_GIB = 24  # the single-GPU LoRA budget: a 24 GiB card
-LORA_SEQ_LEN = 4096
+LORA_SEQ_LEN = 4096  # `lora:PRESET`; `lora:PRESET:TOKENS` sets another length
 
 
-def measure_lora(preset: str, args: argparse.Namespace) -> dict:
-    """LoRA (Apex's default targets, experts included) on a bf16 `preset` at 4,096 tokens, with the process capped at
-    `LORA_MEMORY_GIB` as on a 24 GiB card, activation checkpointing on: tokens/s and peak memory, or the OOM."""
+def measure_lora(preset: str, seq_len: int, args: argparse.Namespace) -> dict:
+    """LoRA (Apex's default targets, experts included) on a bf16 `preset`, one sequence of `seq_len` tokens per step,
+    with the process capped at `LORA_MEMORY_GIB` as on a 24 GiB card, activation checkpointing on: tokens/s and peak
+    memory, or the OOM."""
     from peft import get_peft_model
 
     from apex_hf.posttrain.lora import default_lora_config
@@ -192,25 +204,26 @@ def measure_lora(preset: str, args: argparse.Namespace) -> dict:
         )
     model.gradient_checkpointing_enable()
     experts = model.config._experts_implementation
-    row = {"model": f"lora:{preset}", "experts": experts, "training": f"LoRA, {LORA_MEMORY_GIB} GiB cap"}
+    row = {"model": f"lora:{preset}:{seq_len}", "experts": experts, "training": f"LoRA, {LORA_MEMORY_GIB} GiB cap"}
     model = get_peft_model(model, default_lora_config(model)).train()
     torch.cuda.reset_peak_memory_stats()
     try:
-        seconds = timed(training_step(model, 1, LORA_SEQ_LEN), args.warmup, args.steps)
+        seconds = timed(training_step(model, 1, seq_len), args.warmup, args.steps)
     except torch.OutOfMemoryError:
         return {**row, "train_tokens_per_s": 0, "mfu": None, "train_peak_gib": LORA_MEMORY_GIB, "oom": True}
     return {
         **row,
-        "train_tokens_per_s": round(LORA_SEQ_LEN / seconds),
+        "train_tokens_per_s": round(seq_len / seconds),
         "mfu": None,
         "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "seq_len": LORA_SEQ_LEN,
+        "seq_len": seq_len,
     }
 
 
 def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     if name.startswith("lora:"):
-        return measure_lora(name.removeprefix("lora:"), args)
+        preset, _, seq_len = name.removeprefix("lora:").partition(":")
+        return measure_lora(preset, int(seq_len or LORA_SEQ_LEN), args)
     model, flops = build(name, args.experts, args.seq_len)
     if compiled:
         compile_layers(model)
@@ -230,6 +243,7 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
         except Exception as error:  # noqa: BLE001  (a model that does not compile is a result to report)
             row[f"decode_b{batch}_static_compile"] = f"failed: {type(error).__name__}"
             print(f"{name} static-cache decode failed: {error}", flush=True)
+        row[f"decode_b{batch}_graphed"] = round(graphed_decode(model, batch), 1)
     return row
 
 
@@ -291,8 +305,8 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
 def table(rows: list[dict]) -> str:
     """One line per model and training mode; "vs Llama" compares with Llama trained the same way."""
     lines = [
-        "| model | training | train tokens/s | vs Llama | MFU | peak GiB | decode b1 dynamic / static+compile | "
-        "decode b32 dynamic / static+compile |",
+        "| model | training | train tokens/s | vs Llama | MFU | peak GiB | decode b1 dynamic / static+compile / "
+        "graphed | decode b32 dynamic / static+compile / graphed |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -306,7 +320,7 @@ def table(rows: list[dict]) -> str:
                 f"{r['train_peak_gib']:.1f}",
             ]
         decode_cells = [
-            f"{r.get(f'decode_b{b}_dynamic', '-')} / {r.get(f'decode_b{b}_static_compile', '-')}"
+            " / ".join(str(r.get(f"decode_b{b}_{way}", "-")) for way in ("dynamic", "static_compile", "graphed"))
             for b in DECODE_BATCHES
         ]
         lines.append(f"| {r['model']} | {r['training']} | " + " | ".join(training_cells + decode_cells) + " |")
@@ -318,8 +332,12 @@ def main() -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=["llama", "qwen3_moe", "apex:bench-dense", "apex:bench-moe", "apex:bench-moe-k3", "lora:apex-7b-lora"],
-        help="`llama`, `qwen3_moe`, `apex:<preset>` or `lora:<preset>` (LoRA at 4,096 tokens under a 24 GiB cap)",
+        default=[
+            *("llama", "qwen3_moe", "apex:bench-dense", "apex:bench-moe", "apex:bench-moe-k3"),
+            *("lora:apex-7b-lora:4096", "lora:apex-7b-lora:16384"),
+        ],
+        help="`llama`, `qwen3_moe`, `apex:<preset>` or `lora:<preset>[:<tokens>]` (LoRA under a 24 GiB cap, one "
+        "sequence of 4,096 tokens unless given)",
     )
     parser.add_argument("--experts", help="experts implementation of the MoE models (default: each model's own)")
     parser.add_argument("--batch", type=int, default=8)

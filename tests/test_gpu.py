@@ -1,5 +1,5 @@
 """GPU correctness of the fast paths (run on a CUDA machine; skipped elsewhere): bf16 vs fp32, experts kernels vs eager
-experts, sdpa / flex vs eager attention, static-cache generation, a few bf16 training steps."""
+experts, sdpa / flex vs eager attention, static-cache generation, the graphed decoders, a few bf16 training steps."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ from test_experts import PATHS, assert_close_as_reference, check_against_eager
 from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
-from apex_hf.presets import get_preset
+from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder
+from apex_hf.presets import LOOP_RECIPE, get_preset
 
 
 pytestmark = pytest.mark.gpu
@@ -180,6 +181,31 @@ def test_static_cache_compiled_generation_matches_eager(batch):
     eager = model.generate(prompt, **kwargs)
     compiled = model.generate(prompt, cache_implementation="static", **kwargs)
     assert torch.equal(eager, compiled)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_graphed_greedy_decoding_matches_generate(batch):
+    """The decode step compiled and captured as one CUDA graph: the tokens of eager `generate`, and the graph is reused
+    by the next call."""
+    model = build("gqa", attn="sdpa", experts="apex_grouped_mm")
+    prompt = ids(batch=batch, length=9)
+    expected = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    decoder = GreedyDecoder(model, max_length=40, batch_size=batch)
+    for _ in range(2):
+        assert torch.equal(decoder.generate(prompt, max_new_tokens=24, ignore_eos=True), expected)
+        assert decoder._run.graph is not None
+
+
+def test_graphed_self_speculative_decoding_matches_generate():
+    torch.manual_seed(0)
+    config = tiny_config(num_refinement_steps=3, num_experts=4, num_experts_per_tok=2, **LOOP_RECIPE, **GPU_SIZES)
+    model = ApexForCausalLM._from_config(config, attn_implementation="sdpa").to("cuda").eval()
+    prompt = ids(batch=1, length=9)
+    expected = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    decoder = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3)
+    for _ in range(2):
+        assert torch.equal(decoder.generate(prompt, max_new_tokens=24, ignore_eos=True), expected)
+        assert decoder._run.graph is not None and decoder.stats.rounds > 0
 
 
 def test_apex_experts_are_the_gpu_default_and_generate_keeps_them():

@@ -1,0 +1,127 @@
+"""Batch-1 greedy decoding of a trained looped model: `generate`, the graphed loop and self-speculation, in one run.
+
+Acceptance rates mean nothing on random weights, so this loads a trained model: `scripts/measure_loop.py --models DIR`
+saves one per variant and seed (the K = 3 recipe model of seed 1 is `DIR/k3_recipe-seed1`). The prompts are held-out
+windows of the text it was trained on (measure_loop's split by file). bf16 weights, fixed K (early exits off), every
+way decoding the same prompts for the same number of new tokens:
+
+* `generate`, dynamic cache (eager), and static cache (transformers compiles the forward);
+* `GreedyDecoder`: the step compiled and captured as one CUDA graph;
+* `SelfSpeculativeDecoder` for each `--drafts` setting PASSESxTOKENS: drafts of that many tokens with that many passes,
+  verified at the full K.
+
+Tokens/s is over all prompts, after one warm-up prompt per way (compiling and capturing). "same tokens" is the share
+of prompts whose new tokens equal `generate`'s (dynamic cache) exactly, and "agree" the mean share of new tokens
+before the first difference. Prints a markdown table and writes JSON.
+
+    python scripts/measure_loop.py --variants k3_recipe --seeds 1 --steps 1200 --no-decode --models runs/loop_models
+    python scripts/measure_decoding.py --model runs/loop_models/k3_recipe-seed1 --out runs/decoding.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from apex_hf import ApexForCausalLM
+from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure_loop import byte_streams  # noqa: E402  (the same held-out files as the model's own evaluation)
+
+
+def held_out_prompts(packages: list[str], count: int, length: int) -> torch.Tensor:
+    held_out = byte_streams(packages, max_megabytes=200.0)[1]
+    starts = torch.linspace(0, len(held_out) - length - 1, count + 1).long()  # the first is the warm-up prompt
+    return torch.stack([held_out[s : s + length] for s in starts.tolist()])
+
+
+def measure_way(decode: Callable[[torch.Tensor], torch.Tensor], prompts: torch.Tensor, new_tokens: int) -> dict:
+    decode(prompts[:1])  # warm-up: compiles, captures
+    torch.cuda.synchronize()
+    outputs, started = [], time.perf_counter()
+    for prompt in prompts[1:]:
+        outputs.append(decode(prompt[None])[0, prompt.shape[0] :])
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"tokens_per_s": new_tokens * len(outputs) / seconds, "outputs": outputs}
+
+
+def agreement(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
+    same, prefix = 0, 0.0
+    for out, ref in zip(outputs, reference):
+        differ = (out != ref).nonzero()
+        same += len(differ) == 0
+        prefix += (int(differ[0]) if len(differ) else len(ref)) / len(ref)
+    return same / len(reference), prefix / len(reference)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a saved looped Apex model (measure_loop --models)")
+    parser.add_argument("--packages", nargs="+", default=["transformers", "torch", "accelerate"])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--drafts", nargs="+", default=["1x2", "1x4", "2x4"], help="PASSESxTOKENS per round")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (refuses an existing file)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/measure_decoding.py measures a CUDA GPU; none is available")
+    if args.out is not None and args.out.exists():
+        raise SystemExit(f"{args.out} exists; choose another --out")
+    drafts = [tuple(int(n) for n in setting.split("x")) for setting in args.drafts]
+    model = ApexForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to("cuda").eval()
+    model.config.refinement_exit_threshold = None  # fixed K: the graphed loops cannot exit per token
+    prompts = held_out_prompts(args.packages, args.prompts, args.prompt_length).to("cuda")
+    max_length, new = args.prompt_length + args.new_tokens, args.new_tokens
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    ways = {
+        "generate, dynamic cache": lambda p: model.generate(p, **settings),
+        "generate, static cache (compiled)": lambda p: model.generate(p, cache_implementation="static", **settings),
+    }
+    graphed = GreedyDecoder(model, max_length=max_length)
+    ways["graphed greedy"] = lambda p: graphed.generate(p, max_new_tokens=new, ignore_eos=True)
+    speculative = {}
+    for passes, tokens in drafts:
+        decoder = SelfSpeculativeDecoder(model, max_length=max_length, draft_passes=passes, draft_tokens=tokens)
+        name = f"self-speculative, {tokens} drafts at K = {passes}"
+        speculative[name] = decoder
+        ways[name] = lambda p, decoder=decoder: decoder.generate(p, max_new_tokens=new, ignore_eos=True)
+    rows, reference = [], None
+    for name, decode in ways.items():
+        result = measure_way(decode, prompts, new)
+        reference = reference or result["outputs"]
+        same, agree = agreement(result["outputs"], reference)
+        row = {"way": name, "tokens_per_s": round(result["tokens_per_s"], 1), "same_tokens": same, "agree": agree}
+        if name in speculative:
+            stats = speculative[name].stats  # of the last prompt
+            row.update(acceptance=round(stats.acceptance, 3), tokens_per_round=round(stats.tokens_per_round, 2))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    speeds = {row["way"]: row["tokens_per_s"] for row in rows}
+    plain, graphed_speed = speeds["generate, dynamic cache"], speeds["graphed greedy"]
+    print(f"\n{torch.cuda.get_device_name()}, {args.model}, K = {model.config.num_refinement_steps}, batch 1\n")
+    print("| way | tokens/s | vs generate (dynamic) | vs graphed greedy | same tokens | agree | acceptance |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['way']} | {row['tokens_per_s']:,} | {row['tokens_per_s'] / plain:.2f} x "
+            f"| {row['tokens_per_s'] / graphed_speed:.2f} x | {100 * row['same_tokens']:.0f} % "
+            f"| {100 * row['agree']:.0f} % | {row.get('acceptance', '-')} |"
+        )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}
+        args.out.write_text(json.dumps(report, default=str, indent=2))
+
+
+if __name__ == "__main__":
+    main()

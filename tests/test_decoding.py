@@ -1,0 +1,124 @@
+"""The device-side decoding loops (`apex_hf.decoding`) against `generate`: same tokens, same stopping and padding, the
+speculative round's bookkeeping, and the refusals. On the CPU the steps run uncompiled and without CUDA graphs;
+`test_gpu.py` runs them compiled and captured."""
+
+import pytest
+import torch
+from tiny_configs import VARIANTS, tiny_config
+
+from apex_hf import ApexForCausalLM
+from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder
+from apex_hf.presets import LOOP_RECIPE
+
+
+NEW_TOKENS = 20
+
+
+def build(variant=None, **overrides):
+    torch.manual_seed(0)
+    config = tiny_config(variant, **overrides)
+    config._attn_implementation = "eager" if config.attention_sinks else "sdpa"
+    config._experts_implementation = "batched_mm"  # per-token expert compute: batched and single rows round alike
+    return ApexForCausalLM(config).eval()
+
+
+def looped(**overrides):
+    """K = 3 with the loop recipe, full attention only (what self-speculation takes)."""
+    return build(num_refinement_steps=3, num_experts=4, num_experts_per_tok=2, **LOOP_RECIPE, **overrides)
+
+
+def prompt(batch=2, length=7):
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def reference(model, ids, **kwargs):
+    return model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_decoder_matches_generate_and_is_reused(variant):
+    model, ids = build(variant), prompt()
+    decoder = GreedyDecoder(model, max_length=40, batch_size=2)
+    expected = reference(model, ids, eos_token_id=None)
+    for _ in range(2):  # the second call reuses the decoder's cache and buffers
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+
+
+def test_greedy_decoder_stops_and_pads_as_generate():
+    model, ids = build("gqa"), prompt()
+    free_running = reference(model, ids, eos_token_id=None)
+    end = int(free_running[0, ids.shape[1] + 5])  # row 0 ends at its sixth new token
+    expected = reference(model, ids, eos_token_id=end)
+    decoder = GreedyDecoder(model, max_length=40, batch_size=2, stop_check_every=3)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=end, pad_token_id=0), expected)
+    one_row = reference(model, ids[:1], eos_token_id=end)
+    assert one_row.shape[1] == ids.shape[1] + 6  # generate stops there; so does the decoder
+    single = GreedyDecoder(model, max_length=40)
+    assert torch.equal(single.generate(ids[:1], max_new_tokens=NEW_TOKENS, eos_token_id=end), one_row)
+
+
+@pytest.mark.parametrize(("draft_passes", "draft_tokens"), [(1, 1), (1, 4), (2, 3)])
+def test_self_speculative_decoder_matches_generate(draft_passes, draft_tokens):
+    model, ids = looped(), prompt(batch=1)
+    expected = reference(model, ids, eos_token_id=None)
+    decoder = SelfSpeculativeDecoder(model, max_length=40, draft_passes=draft_passes, draft_tokens=draft_tokens)
+    for _ in range(2):
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+        stats = decoder.stats
+        assert stats.drafted == stats.rounds * draft_tokens and 0 <= stats.accepted <= stats.drafted
+        assert stats.rounds + stats.accepted >= NEW_TOKENS - 1  # each round adds its accepted drafts and one token
+
+
+def test_self_speculative_decoder_stops_at_the_end_token():
+    model, ids = looped(), prompt(batch=1)
+    end = int(reference(model, ids, eos_token_id=None)[0, ids.shape[1] + 8])
+    expected = reference(model, ids, eos_token_id=end)
+    decoder = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=end), expected)
+
+
+def test_drafts_of_a_model_whose_later_passes_change_nothing_are_all_accepted():
+    """With the pass gates at zero, every pass after the first returns its input: the K = 1 draft is the model, every
+    draft is accepted and each round moves `draft_tokens + 1` tokens."""
+    model = looped(refinement_pass_gate=True)
+    model.model.pass_gates.data.zero_()
+    ids = prompt(batch=1)
+    decoder = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3)
+    assert torch.equal(
+        decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), reference(model, ids, eos_token_id=None)
+    )
+    rounds = -(-(NEW_TOKENS - 1) // 4)  # the prefill gives the first token, each round four
+    assert decoder.stats.rounds == rounds and decoder.stats.accepted == decoder.stats.drafted
+    assert decoder.stats.tokens_per_round == 4
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: GreedyDecoder(looped(refinement_exit_threshold=0.9), max_length=40), "refinement_exit_threshold"),
+        (lambda: GreedyDecoder(looped(), max_length=40, cuda_graph=True), "cuda_graph=True needs"),
+        (lambda: GreedyDecoder(looped(), max_length=0), "max_length=0"),
+        (lambda: SelfSpeculativeDecoder(looped(), max_length=40, draft_passes=3), "draft_passes=3"),
+        (lambda: SelfSpeculativeDecoder(build(), max_length=40), "draft_passes=1"),
+        (lambda: SelfSpeculativeDecoder(looped(), max_length=40, draft_tokens=0), "draft_tokens=0"),
+        (lambda: SelfSpeculativeDecoder(build("gqa"), max_length=40), "sliding"),
+    ],
+)
+def test_decoders_refuse_what_they_cannot_do(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("ids", "max_new_tokens", "message"),
+    [
+        (prompt(batch=1), NEW_TOKENS, "built for batch_size=2"),
+        (prompt(length=30), NEW_TOKENS, "does not fit this decoder's max_length=40"),
+        (prompt(), 0, "max_new_tokens=0"),
+        (prompt().float(), NEW_TOKENS, "token ids"),
+    ],
+)
+def test_greedy_decoder_refuses_calls_it_was_not_built_for(ids, max_new_tokens, message):
+    decoder = GreedyDecoder(build(), max_length=40, batch_size=2)
+    with pytest.raises(ValueError, match=message):
+        decoder.generate(ids, max_new_tokens=max_new_tokens)
