@@ -36,6 +36,7 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -238,13 +239,20 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     model = for_decoding(model)
     for batch in DECODE_BATCHES:
         row[f"decode_b{batch}_dynamic"] = round(decode(model, batch, static=False), 1)
-        try:  # transformers compiles the forward itself when generating with a static cache on a GPU
-            row[f"decode_b{batch}_static_compile"] = round(decode(model, batch, static=True), 1)
-        except Exception as error:  # noqa: BLE001  (a model that does not compile is a result to report)
-            row[f"decode_b{batch}_static_compile"] = f"failed: {type(error).__name__}"
-            print(f"{name} static-cache decode failed: {error}", flush=True)
-        row[f"decode_b{batch}_graphed"] = round(graphed_decode(model, batch), 1)
+        # transformers compiles the forward itself when generating with a static cache on a GPU
+        row[f"decode_b{batch}_static_compile"] = compiled_result(name, decode, model, batch, static=True)
+        row[f"decode_b{batch}_graphed"] = compiled_result(name, graphed_decode, model, batch)
     return row
+
+
+def compiled_result(name: str, measure: Callable[..., float], *args, **kwargs) -> float | str:
+    """A compiled way's tokens/s, or how it failed: a model that does not compile is a result to report."""
+    try:
+        return round(measure(*args, **kwargs), 1)
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc()
+        print(f"{name}: {error}", flush=True)
+        return f"failed: {type(error).__name__}"
 
 
 def top_kernels(step: Callable[[], None], rows: int) -> str:
