@@ -237,7 +237,7 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     if compiled or not args.decode:  # compiled layers would recompile for every decode shape; decode compiles apart
         return row
     model = for_decoding(model)
-    for batch in DECODE_BATCHES:
+    for batch in args.decode_batches:
         row[f"decode_b{batch}_dynamic"] = round(decode(model, batch, static=False), 1)
         # transformers compiles the forward itself when generating with a static cache on a GPU
         row[f"decode_b{batch}_static_compile"] = compiled_result(name, decode, model, batch, static=True)
@@ -281,7 +281,7 @@ def profile(name: str, compiled: bool, args: argparse.Namespace, rows: int = 25)
     if compiled:
         return "\n\n".join(report)
     model = for_decoding(model)
-    for batch in DECODE_BATCHES:
+    for batch in args.decode_batches:
         generate = greedy_generation(model, batch, static=True)
         timed(generate, warmup=2, steps=1)
         report += [f"### {name}: static-cache decode, batch {batch}", top_kernels(generate, rows)]
@@ -299,7 +299,7 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
     command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(args.out)]
     command += [] if args.train else ["--no-train"]
-    command += [] if args.decode else ["--no-decode"]
+    command += ["--decode-batches", *map(str, args.decode_batches)] if args.decode else ["--no-decode"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     rows = [line.removeprefix(ROW_PREFIX) for line in result.stdout.splitlines() if line.startswith(ROW_PREFIX)]
@@ -354,6 +354,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-train", dest="train", action="store_false", help="decode rows only")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="training rows only")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=list(DECODE_BATCHES))
     parser.add_argument(
         "--training-modes",
         nargs="+",
