@@ -122,3 +122,14 @@ def test_greedy_decoder_refuses_calls_it_was_not_built_for(ids, max_new_tokens, 
     decoder = GreedyDecoder(build(), max_length=40, batch_size=2)
     with pytest.raises(ValueError, match=message):
         decoder.generate(ids, max_new_tokens=max_new_tokens)
+
+
+def test_greedy_decoder_takes_a_tokenizer_s_mask_and_refuses_padding():
+    model, ids = build(), prompt()
+    decoder = GreedyDecoder(model, max_length=40, batch_size=2)
+    expected = reference(model, ids, eos_token_id=None)
+    mask = torch.ones_like(ids)
+    assert torch.equal(decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+    mask[1, 0] = 0
+    with pytest.raises(ValueError, match="without padding"):
+        decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS)

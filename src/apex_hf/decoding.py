@@ -91,6 +91,7 @@ class GreedyDecoder:
     def generate(
         self,
         input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
         *,
         max_new_tokens: int,
         eos_token_id: int | list[int] | None = None,
@@ -98,8 +99,14 @@ class GreedyDecoder:
         ignore_eos: bool = False,
     ) -> torch.LongTensor:
         """`eos_token_id` and `pad_token_id` default to the model's generation config, as in `generate`; with
-        `ignore_eos`, every row runs to `max_new_tokens` (for timing)."""
+        `ignore_eos`, every row runs to `max_new_tokens` (for timing). `attention_mask` is taken as a tokenizer returns
+        it, and must be all ones: prompts are not padded."""
         prompt_length = self._check_call(input_ids, max_new_tokens)
+        if attention_mask is not None and (attention_mask.shape != input_ids.shape or not bool(attention_mask.all())):
+            raise ValueError(
+                "attention_mask masks some prompt tokens: this decoder takes prompts of one length, without padding "
+                "(decode rows of different lengths apart, or use generate())"
+            )
         eos_ids = None if ignore_eos else self._eos_ids(eos_token_id)
         self._prefill(input_ids)
         self._decode(prompt_length, max_new_tokens, eos_ids)
