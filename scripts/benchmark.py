@@ -170,12 +170,16 @@ def decode(model: torch.nn.Module, batch: int, static: bool) -> float:
     return batch * NEW_TOKENS / seconds
 
 
-def graphed_decode(model: torch.nn.Module, batch: int) -> float:
-    """The same generation through the device-side loop; its first call compiles and captures the step."""
+def graphed_decode(model: torch.nn.Module, batch: int) -> tuple[float, float]:
+    """The same generation through the device-side loop (its first call compiles and captures the step): tokens/s,
+    and the share of its tokens equal to static-cache `generate`'s (both compiled, bf16)."""
     decoder = GreedyDecoder(model, max_length=PROMPT_TOKENS + NEW_TOKENS, batch_size=batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device="cuda")
     seconds = timed(lambda: decoder.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True), warmup=2, steps=3)
-    return batch * NEW_TOKENS / seconds
+    graphed = decoder.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    reference = model.generate(prompt, cache_implementation="static", **settings)
+    return batch * NEW_TOKENS / seconds, (graphed == reference)[:, PROMPT_TOKENS:].float().mean().item()
 
 
 def compile_layers(model: torch.nn.Module) -> None:
@@ -241,14 +245,20 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
         row[f"decode_b{batch}_dynamic"] = round(decode(model, batch, static=False), 1)
         # transformers compiles the forward itself when generating with a static cache on a GPU
         row[f"decode_b{batch}_static_compile"] = compiled_result(name, decode, model, batch, static=True)
-        row[f"decode_b{batch}_graphed"] = compiled_result(name, graphed_decode, model, batch)
+        graphed = compiled_result(name, graphed_decode, model, batch)
+        if isinstance(graphed, tuple):
+            row[f"decode_b{batch}_graphed"], row[f"decode_b{batch}_graphed_same_tokens"] = graphed
+        else:
+            row[f"decode_b{batch}_graphed"] = graphed
     return row
 
 
-def compiled_result(name: str, measure: Callable[..., float], *args, **kwargs) -> float | str:
-    """A compiled way's tokens/s, or how it failed: a model that does not compile is a result to report."""
+def compiled_result(name: str, measure: Callable[..., float | tuple], *args, **kwargs):
+    """A compiled way's tokens/s (and what else it measures), or how it failed: a model that does not compile is a
+    result to report."""
     try:
-        return round(measure(*args, **kwargs), 1)
+        result = measure(*args, **kwargs)
+        return (round(result[0], 1), round(result[1], 3)) if isinstance(result, tuple) else round(result, 1)
     except Exception as error:  # noqa: BLE001
         traceback.print_exc()
         print(f"{name}: {error}", flush=True)
