@@ -264,8 +264,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     from .pipeline import plan_pipeline, run_pipeline
 
     output_dir = Path(args.output_dir).resolve()
-    if not (REPO_ROOT / "data" / "demo").is_dir():
-        raise SystemExit(f"the demo runs from a source checkout of apex-hf; {REPO_ROOT / 'data' / 'demo'} is missing")
+    if not (REPO_ROOT / DEFAULT_DATA).is_dir():
+        raise SystemExit(f"the demo runs from a source checkout of apex-hf; {REPO_ROOT / DEFAULT_DATA} is missing")
     os.chdir(REPO_ROOT)  # the recipes name their data files relative to the repository root
     data = Path(args.data)
     missing = [name for name in (MATH_TEST, NEW_SKILL_TEST) if not (data / name).is_file()]
