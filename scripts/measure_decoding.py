@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from apex_hf import ApexForCausalLM
-from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder
+from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder, SpeculationStats
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,6 +63,17 @@ def agreement(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tup
     return same / len(reference), prefix / len(reference)
 
 
+def speculative_way(decoder: SelfSpeculativeDecoder, new_tokens: int, seen: list) -> Callable:
+    """The decoder as a way to measure, keeping each call's counts in `seen`."""
+
+    def decode(prompt: torch.Tensor) -> torch.Tensor:
+        output = decoder.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+        seen.append(decoder.stats)
+        return output
+
+    return decode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a saved looped Apex model (measure_loop --models)")
@@ -89,12 +100,12 @@ def main() -> None:
     }
     graphed = GreedyDecoder(model, max_length=max_length)
     ways["graphed greedy"] = lambda p: graphed.generate(p, max_new_tokens=new, ignore_eos=True)
-    speculative = {}
+    speculative = {}  # name: the counts of each call
     for passes, tokens in drafts:
         decoder = SelfSpeculativeDecoder(model, max_length=max_length, draft_passes=passes, draft_tokens=tokens)
         name = f"self-speculative, {tokens} drafts at K = {passes}"
-        speculative[name] = decoder
-        ways[name] = lambda p, decoder=decoder: decoder.generate(p, max_new_tokens=new, ignore_eos=True)
+        speculative[name] = []
+        ways[name] = speculative_way(decoder, new, speculative[name])
     rows, reference = [], None
     for name, decode in ways.items():
         result = measure_way(decode, prompts, new)
@@ -102,8 +113,10 @@ def main() -> None:
         same, agree = agreement(result["outputs"], reference)
         row = {"way": name, "tokens_per_s": round(result["tokens_per_s"], 1), "same_tokens": same, "agree": agree}
         if name in speculative:
-            stats = speculative[name].stats  # of the last prompt
-            row.update(acceptance=round(stats.acceptance, 3), tokens_per_round=round(stats.tokens_per_round, 2))
+            timed_calls = speculative[name][1:]  # after the warm-up prompt
+            fields = ("rounds", "drafted", "accepted")
+            total = SpeculationStats(*(sum(getattr(call, f) for call in timed_calls) for f in fields))
+            row.update(acceptance=round(total.acceptance, 3), tokens_per_round=round(total.tokens_per_round, 2))
         rows.append(row)
         print(json.dumps(row), flush=True)
     speeds = {row["way"]: row["tokens_per_s"] for row in rows}
