@@ -170,7 +170,7 @@ def decode(model: torch.nn.Module, batch: int, static: bool) -> float:
     return batch * NEW_TOKENS / seconds
 
 
-def graphed_decode(model: torch.nn.Module, batch: int) -> tuple[float, float]:
+def graphed_decode(model: torch.nn.Module, batch: int) -> dict:
     """The same generation through the device-side loop (its first call compiles and captures the step): tokens/s,
     and the share of its tokens equal to static-cache `generate`'s (both compiled, bf16)."""
     decoder = GreedyDecoder(model, max_length=PROMPT_TOKENS + NEW_TOKENS, batch_size=batch)
@@ -179,7 +179,8 @@ def graphed_decode(model: torch.nn.Module, batch: int) -> tuple[float, float]:
     graphed = decoder.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     reference = model.generate(prompt, cache_implementation="static", **settings)
-    return batch * NEW_TOKENS / seconds, (graphed == reference)[:, PROMPT_TOKENS:].float().mean().item()
+    same_tokens = (graphed == reference)[:, PROMPT_TOKENS:].float().mean().item()
+    return {"graphed": round(batch * NEW_TOKENS / seconds, 1), "graphed_same_tokens": round(same_tokens, 3)}
 
 
 def compile_layers(model: torch.nn.Module) -> None:
@@ -242,27 +243,26 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
         return row
     model = for_decoding(model)
     for batch in args.decode_batches:
-        row[f"decode_b{batch}_dynamic"] = round(decode(model, batch, static=False), 1)
-        # transformers compiles the forward itself when generating with a static cache on a GPU
-        row[f"decode_b{batch}_static_compile"] = compiled_result(name, decode, model, batch, static=True)
-        graphed = compiled_result(name, graphed_decode, model, batch)
-        if isinstance(graphed, tuple):
-            row[f"decode_b{batch}_graphed"], row[f"decode_b{batch}_graphed_same_tokens"] = graphed
-        else:
-            row[f"decode_b{batch}_graphed"] = graphed
+        cells = {"dynamic": round(decode(model, batch, static=False), 1)}
+        cells |= compiled_cells(name, "static_compile", static_cache_decode, model, batch)
+        cells |= compiled_cells(name, "graphed", graphed_decode, model, batch)
+        row |= {f"decode_b{batch}_{way}": value for way, value in cells.items()}
     return row
 
 
-def compiled_result(name: str, measure: Callable[..., float | tuple], *args, **kwargs):
-    """A compiled way's tokens/s (and what else it measures), or how it failed: a model that does not compile is a
-    result to report."""
+def static_cache_decode(model: torch.nn.Module, batch: int) -> dict:
+    """transformers compiles the forward itself when generating with a static cache on a GPU."""
+    return {"static_compile": round(decode(model, batch, static=True), 1)}
+
+
+def compiled_cells(name: str, way: str, measure: Callable[..., dict], *args) -> dict:
+    """A compiled way's cells, or how it failed: a model that does not compile is a result to report."""
     try:
-        result = measure(*args, **kwargs)
-        return (round(result[0], 1), round(result[1], 3)) if isinstance(result, tuple) else round(result, 1)
+        return measure(*args)
     except Exception as error:  # noqa: BLE001
         traceback.print_exc()
         print(f"{name}: {error}", flush=True)
-        return f"failed: {type(error).__name__}"
+        return {way: f"failed: {type(error).__name__}"}
 
 
 def top_kernels(step: Callable[[], None], rows: int) -> str:

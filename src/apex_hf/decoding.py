@@ -85,7 +85,10 @@ class GreedyDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=self.capacity)
         self.tokens = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=self.device)
         self.length = torch.zeros((), dtype=torch.long, device=self.device)  # tokens of the sequence so far
-        self._run = StepRunner(self._step, self.compile, self.cuda_graph)
+        self._run = self._runner()
+
+    def _runner(self) -> StepRunner:
+        return StepRunner(self._step, self.compile, self.cuda_graph)
 
     @torch.no_grad()
     def generate(
@@ -226,12 +229,15 @@ class SelfSpeculativeDecoder(GreedyDecoder):
         self._offsets = torch.arange(draft_tokens + 1, device=self.device)
         self._accepted = torch.zeros((), dtype=torch.long, device=self.device)
         self.stats = SpeculationStats(rounds=0, drafted=0, accepted=0)
-        # The draft's single-token step runs several times a round with the same shapes: compiled once, reused.
-        compile_piece = torch.compile if self.compile else (lambda function: function)
-        self._draft_catch_up = compile_piece(self._draft_catch_up)
-        self._draft_next = compile_piece(self._draft_next)
-        self._verify = compile_piece(self._verify)
-        self._run = StepRunner(self._round, compile_step=False, cuda_graph=self.cuda_graph)
+
+    def _runner(self) -> StepRunner:
+        """The round's pieces are compiled apart: the draft's single-token step runs several times a round with the
+        same shapes, compiled once; the round around them is captured whole."""
+        if self.compile:
+            self._draft_catch_up = torch.compile(self._draft_catch_up)
+            self._draft_next = torch.compile(self._draft_next)
+            self._verify = torch.compile(self._verify)
+        return StepRunner(self._round, compile_step=False, cuda_graph=self.cuda_graph)
 
     def _prefill(self, input_ids: torch.Tensor) -> None:
         super()._prefill(input_ids)
