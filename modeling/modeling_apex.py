@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.compiler import is_compiling
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -1604,6 +1605,53 @@ def multi_token_prediction_targets(labels: torch.Tensor, position_ids: torch.Ten
     return F.pad(targets, (0, 1), value=-100)
 
 
+# Rows of the training loss's logits alive at once: this many logits (256 MiB in fp32) over the vocabulary
+TRAINING_LOSS_CHUNK_LOGITS = 2**26
+
+
+def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    head: nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor | None,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss(head(hidden_states), labels, ...)` (fp32 cross-entropy, -100 ignored, mean over
+    the targets or sum / `num_items_in_batch`) without the `[tokens, vocab]` logits: the head and the cross-entropy
+    run on `TRAINING_LOSS_CHUNK_LOGITS // vocab` rows at a time, and each chunk is recomputed in backward instead of
+    kept. At 16k tokens and a 32k vocabulary the whole logits would take 2 GiB in bf16 and 4 GiB each for their fp32
+    copy and its gradient; one chunk takes 256 MiB. The cost is the head's forward once more in backward.
+
+    Written here, not taken from a library: torch's chunked `linear_cross_entropy` (torch 2.13) and Liger's fused
+    kernel take the head's weight, so they would drop a LoRA adapter or any other wrapper on the head; Liger needs
+    Triton, and this file runs on every torch its Hub users have. `head` is called as a module, whatever wraps it."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    rows = max(1, TRAINING_LOSS_CHUNK_LOGITS // vocab_size)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        total = total + checkpoint(
+            _summed_cross_entropy,
+            head,
+            hidden[start : start + rows],
+            targets[start : start + rows],
+            use_reentrant=False,
+            preserve_rng_state=False,  # the head draws no random numbers
+        )
+    if num_items_in_batch is None:
+        return total / (targets != -100).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 class ApexMultiTokenPredictor(nn.Module):
     """One MTP depth: combines the previous depth's state at position i with the embedding of token i + depth, runs
     one decoder layer, and predicts token i + depth + 1 through the shared LM head."""
@@ -1685,11 +1733,18 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        # A training forward with labels builds no logits (as Liger's does): its loss is computed in chunks of the
+        # hidden states (`chunked_causal_lm_loss`), and trainers read only the loss. Evaluation returns the logits.
+        whole_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        skip_logits = self.training and labels is not None and whole_logits
+        logits = None if skip_logits else self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if skip_logits:
+                loss = self._next_token_loss(hidden_states, labels, **kwargs)
+            else:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             if outputs.exit_hidden_states:
                 exit_loss = self._exit_loss(outputs.exit_hidden_states, labels, **kwargs)
                 loss = loss + self.config.refinement_exit_loss_coef * exit_loss
@@ -1732,9 +1787,21 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         """The exit loss (`refinement_exit_loss_coef`): the mean next-token loss of the earlier passes' exits."""
         losses = []
         for step, exit_state in enumerate(exit_hidden_states, start=1):
-            losses.append(self.loss_function(self.lm_head(exit_state), labels, self.vocab_size, **kwargs))
+            losses.append(self._next_token_loss(exit_state, labels, **kwargs))
             self.model.aux_losses[f"exit_loss_pass{step}"] = losses[-1].detach()
         return torch.stack(losses).mean()
+
+    def _next_token_loss(self, hidden_states, labels, **kwargs) -> torch.Tensor:
+        """The LM head's next-token loss on `hidden_states`, chunked (`chunked_causal_lm_loss`); `kwargs` as the
+        forward's (`num_items_in_batch`, `shift_labels`; the others do not concern the loss)."""
+        return chunked_causal_lm_loss(
+            self.lm_head,
+            hidden_states,
+            labels,
+            self.vocab_size,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            shift_labels=kwargs.get("shift_labels"),
+        )
 
     def _multi_token_prediction_loss(self, hidden_states, input_ids, labels, attention_mask, position_ids, **kwargs):
         """Depth d predicts token i + d + 1 from position i, on the positions where that token exists in the same
@@ -1767,12 +1834,10 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
                 positions,
             )
             targets = multi_token_prediction_targets(labels, position_ids, depth)
-            logits = self.lm_head(predictor.final_norm(hidden_states))
             losses.append(
-                self.loss_function(
-                    logits,
+                self._next_token_loss(
+                    predictor.final_norm(hidden_states),
                     None,
-                    self.vocab_size,
                     shift_labels=targets,
                     num_items_in_batch=kwargs.get("num_items_in_batch"),
                 )

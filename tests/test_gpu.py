@@ -1,9 +1,11 @@
 """GPU correctness of the fast paths (run on a CUDA machine; skipped elsewhere): bf16 vs fp32, experts kernels vs eager
-experts, sdpa / flex vs eager attention, static-cache generation, the graphed decoders, a few bf16 training steps."""
+experts, sdpa / flex vs eager attention, the chunked training loss, static-cache generation, the graphed decoders, a
+few bf16 training steps."""
 
 import pytest
 import torch
 from test_experts import PATHS, assert_close_as_reference, check_against_eager
+from test_training_loss import whole_logits_loss
 from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
@@ -124,6 +126,36 @@ def test_mixed_precision_training_under_autocast(variant):
     assert torch.isfinite(loss)
     assert model.model.aux_losses["verifier_loss"].dtype == torch.float32
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_chunked_training_loss_matches_whole_logits_in_bf16_in_a_quarter_of_the_memory():
+    """At a 32k vocabulary and 16k tokens: the loss and both gradients as transformers' loss on the whole logits (bf16
+    weights and activations, fp32 cross-entropy in both; the head's gradient sums its chunks in bf16), and the loss's
+    peak memory at most a quarter of it."""
+    from apex_hf.modeling.modeling_apex import chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    vocab = 32000
+    head = torch.nn.Linear(512, vocab, bias=False, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(4, 4096, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (4, 4096), device="cuda")
+    labels[:, :100] = -100
+    results = {}
+    for name, loss_function in (("chunked", chunked_causal_lm_loss), ("whole", whole_logits_loss)):
+        head.zero_grad()
+        hidden.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        loss = loss_function(head, hidden, labels, vocab)
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        results[name] = (loss.detach(), hidden.grad.clone(), head.weight.grad.clone(), peak)
+    (loss, hidden_grad, weight_grad, peak), (ref_loss, ref_hidden_grad, ref_weight_grad, ref_peak) = results.values()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for gradient, reference in ((hidden_grad, ref_hidden_grad), (weight_grad, ref_weight_grad)):
+        assert (gradient.float() - reference.float()).norm() <= 1e-2 * reference.float().norm()
+    assert peak <= ref_peak / 4, (peak, ref_peak)
 
 
 @pytest.mark.parametrize("experts", ["apex_grouped_mm", "grouped_mm", "batched_mm"])
