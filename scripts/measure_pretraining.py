@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from apex_hf.pretrain.train import SETUP_PHASES
 from apex_hf.stage_folder import read_summary
 
 
@@ -123,9 +124,6 @@ def benchmark_step(preset: str, batch: int, seq_len: int, compiled: bool, out: P
 
 def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)  # no MFU / peak memory without a known GPU
-
-
-SETUP_PHASES = ("data", "tokenizer", "model", "batches", "prepare")  # `PretrainRun.build`'s, before the first step
 
 
 def table(rows: list[dict]) -> str:

@@ -89,6 +89,10 @@ def resumes_in_place(config: PretrainConfig) -> bool:
     return requested == "latest" or (requested is not None and Path(requested).parent == Path(config.output_dir))
 
 
+# The phases `PretrainRun.build` times before the first step, in order (`wall_seconds_by_phase` in the summary)
+SETUP_PHASES = ("data", "tokenizer", "model", "batches", "prepare")
+
+
 @dataclass
 class PretrainRun:
     """One pre-training run: what it trains, on what, and where it stands. Its `config.output_dir` is the run's
