@@ -13,6 +13,7 @@ from tiny_configs import tiny_config
 
 from apex_hf import ApexForCausalLM
 from apex_hf.pretrain import load_pretrain_config, pretrain
+from apex_hf.pretrain import train as train_module
 from apex_hf.pretrain.build import build_scheduler, prepare_training
 from apex_hf.pretrain.data import PackedBatches, make_batch, pack_rows
 from apex_hf.pretrain.train import SETUP_PHASES
@@ -205,6 +206,7 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.chdir(REPO_ROOT)  # the recipe's data paths are relative to the repository
+    monkeypatch.setattr(train_module, "FINAL_SHARD_SIZE", "100KB")  # the tiny model in several files
     output_dir = pretrain(
         TINY_RECIPE,
         [
@@ -217,6 +219,7 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.3
     assert summary["num_input_tokens_seen"] == 20 * 8 * 64
 
+    assert len(list(output_dir.glob("model-*-of-*.safetensors"))) > 2  # shards, hashed in parallel
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert tokenizer.chat_template

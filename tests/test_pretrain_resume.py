@@ -1,6 +1,7 @@
 """Pre-training fault tolerance: a run killed with SIGKILL and resumed logs the same losses as one that never stopped
 (exactly: CPU arithmetic is deterministic, the stated tolerance is 1e-6), a truncated checkpoint is skipped, SIGTERM
-ends in a checkpoint and exit code 143, and a run never silently overwrites another's checkpoints."""
+ends in a checkpoint and exit code 143, a run never silently overwrites another's checkpoints, and checkpoints are
+published in the background without losing an error."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
 
+from apex_hf.pretrain import checkpoint as checkpoint_module
 from apex_hf.pretrain import pretrain
-from apex_hf.stage_folder import is_finished, read_log_history, read_summary, write_manifest
+from apex_hf.pretrain.checkpoint import CheckpointPublisher, publish_checkpoint, save_checkpoint
+from apex_hf.stage_folder import first_manifest_problem, is_finished, read_log_history, read_summary, write_manifest
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +158,39 @@ def test_resume_errors(tmp_path, monkeypatch):
     write_manifest(foreign)
     with pytest.raises(ValueError, match="written by 4 processes; resume it with as many"):
         pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
+
+
+def _save(output_dir: Path, step: int, tokenizer, publisher: CheckpointPublisher, total_limit: int | None = None):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    return save_checkpoint(accelerator, output_dir, step, {}, {"log_history": []}, tokenizer, total_limit, publisher)
+
+
+def test_checkpoints_are_published_in_the_background_and_their_errors_raised(tmp_path, monkeypatch, tiny_tokenizer):
+    """Writing the state returns at once; the manifest, the flush, the rename and the rotation follow in the
+    background, one checkpoint at a time; an error there is raised by the next `wait` (the loop's next checkpoint,
+    stop or end), never lost."""
+    publisher, released = CheckpointPublisher(), threading.Event()
+
+    def publish_when_released(partial, final, total_limit):
+        assert released.wait(timeout=60)
+        publish_checkpoint(partial, final, total_limit)
+
+    monkeypatch.setattr(checkpoint_module, "publish_checkpoint", publish_when_released)
+    first = _save(tmp_path, 10, tiny_tokenizer, publisher)
+    assert publisher.busy and not first.exists() and (tmp_path / ".checkpoint-10.partial").is_dir()
+    released.set()
+    second = _save(tmp_path, 20, tiny_tokenizer, publisher, total_limit=1)  # waits for the first before writing
+    publisher.wait()
+    assert not publisher.busy and not first.exists() and first_manifest_problem(second) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20"]
+
+    def fail(partial, final, total_limit):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "publish_checkpoint", fail)
+    _save(tmp_path, 30, tiny_tokenizer, publisher)
+    with pytest.raises(OSError, match="No space left"):
+        publisher.wait()
+    assert (tmp_path / ".checkpoint-30.partial").is_dir() and not (tmp_path / "checkpoint-30").exists()

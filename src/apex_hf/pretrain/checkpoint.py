@@ -8,8 +8,12 @@ and renamed once complete, with its manifest (`apex_hf.stage_folder`: every file
 a folder named `checkpoint-<step>` is never half-written. A crash while renaming or a disk that lost data can still
 leave a damaged folder: `find_checkpoints` checks every file against the manifest (a truncated file, flipped bytes
 in the weights or the optimizer state, a missing file) and skips a damaged checkpoint for the newest intact one;
-`restore_checkpoint` also falls back to an older checkpoint when loading one fails. Files are hashed in parallel
-while they are flushed to disk anyway, which keeps the cost to a fraction of the save.
+`restore_checkpoint` also falls back to an older checkpoint when loading one fails.
+
+Only writing the state holds up training. Hashing the files (one core's SHA-256 takes about 13 s for bench-moe's 21 GB
+optimizer state), flushing them to disk, the rename and the rotation need nothing but the files, and a
+`CheckpointPublisher` does them in a background thread while the next steps run, as torchtitan's asynchronous
+checkpointing does. A run killed before the rename leaves only `.checkpoint-<step>.partial`, which resuming ignores.
 
 These checkpoints are for resuming (`resume_from_checkpoint: latest`); the model to use is the final folder.
 """
@@ -21,6 +25,7 @@ import os
 import shutil
 import signal
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,42 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(path)
 
 
+class CheckpointPublisher:
+    """Publishes checkpoints in a background thread, one at a time (`publish_checkpoint`). `wait()` returns once the
+    one in flight is published, and raises its error if it failed; the training loop waits before the next
+    checkpoint, before stopping and at the end, so no error goes unseen and no two checkpoints compete for the disk."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-publisher")
+        self._in_flight: Future | None = None
+
+    def submit(self, partial: Path, final: Path, total_limit: int | None) -> None:
+        self.wait()
+        self._in_flight = self._executor.submit(publish_checkpoint, partial, final, total_limit)
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight is not None
+
+    def wait(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+
+def publish_checkpoint(partial: Path, final: Path, total_limit: int | None) -> None:
+    """The manifest (last: a checkpoint with a manifest was complete), the files flushed to disk, the rename to
+    `final`, then the oldest checkpoints beyond `total_limit` deleted."""
+    write_manifest(partial)
+    _fsync_tree(partial)
+    if final.exists():  # this step was saved before (a run resumed from it and stopped again at once)
+        _delete(final)
+    os.replace(partial, final)
+    if total_limit is not None:
+        for old in checkpoint_folders(final.parent)[total_limit:]:
+            _delete(old)
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
@@ -61,12 +102,16 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer,
     total_limit: int | None = None,
+    publisher: CheckpointPublisher | None = None,
 ) -> Path:
-    """Write `output_dir/checkpoint-<step>` atomically; every process calls it (saving sharded state is collective).
-    Then delete the oldest checkpoints beyond `total_limit`."""
+    """Write the state for `output_dir/checkpoint-<step>`; every process calls it (saving sharded state is
+    collective). The main process then publishes it (`publish_checkpoint`): before returning, or through `publisher`
+    in the background, in which case the folder appears later. Returns the folder's name."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
+        if publisher is not None:
+            publisher.wait()
         shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while saving
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -77,14 +122,10 @@ def save_checkpoint(
         tokenizer.save_pretrained(partial)
         write_trainer_state(partial, trainer_state)
         write_json(partial / CHECKPOINT_INFO, {"step": step, "num_processes": accelerator.num_processes})
-        write_manifest(partial)  # last: a checkpoint with a manifest was complete
-        _fsync_tree(partial)
-        if final.exists():  # this step was saved before (a run resumed from it and stopped again at once)
-            _delete(final)
-        os.replace(partial, final)
-        if total_limit is not None:
-            for old in checkpoint_folders(output_dir)[total_limit:]:
-                _delete(old)
+        if publisher is None:
+            publish_checkpoint(partial, final, total_limit)
+        else:
+            publisher.submit(partial, final, total_limit)
     accelerator.wait_for_everyone()
     return final
 

@@ -51,7 +51,14 @@ from .build import (
     make_accelerator,
     prepare_training,
 )
-from .checkpoint import StopRequest, TrainingStopped, find_checkpoints, restore_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointPublisher,
+    StopRequest,
+    TrainingStopped,
+    find_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from .config import PretrainConfig, load_pretrain_config
 from .data import PackedBatches, load_documents, make_batch
 from .log import TrainingLog
@@ -117,6 +124,8 @@ class PretrainRun:
     output_dir: Path = field(init=False)
     expert_load_sync: ExpertLoadSync = field(init=False)
     use_router_logits: bool = field(init=False)
+    # checkpoints are hashed, flushed and renamed into place in the background (see `checkpoint.py`)
+    publisher: CheckpointPublisher = field(init=False, default_factory=CheckpointPublisher)
 
     def __post_init__(self):
         self.output_dir = Path(self.config.output_dir)
@@ -226,6 +235,7 @@ class PretrainRun:
             saved = self.checkpoint(step)
         if stop.agreed():
             saved = saved or self.checkpoint(step)
+            self.wait_for_checkpoint()
             self.log.close()
             self.accelerator.end_training()
             raise TrainingStopped(step, saved)
@@ -246,14 +256,22 @@ class PretrainRun:
                 self.log.trainer_state(step),
                 self.tokenizer,
                 self.config.save_total_limit,
+                self.publisher,
             )
-        self.say(f"saved {folder} in {elapsed():.1f}s")
+        self.say(f"saved the state of {folder} in {elapsed():.1f}s (published once hashed and flushed to disk)")
         return folder
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the checkpoint in flight, if any, is published (its error raised here)."""
+        if self.publisher.busy:
+            with timed(self.phase_seconds, "checkpoints"):
+                self.publisher.wait()
 
     def finish(self) -> Path:
         """The stage folder: model, tokenizer, log history, model card and summary, staged and then published with
         the manifest (`RunFolder.publish`). Returns it."""
         config, accelerator, final = self.config, self.accelerator, self.folder.final
+        self.wait_for_checkpoint()
         if accelerator.is_main_process:
             self.folder.new_staging()
         accelerator.wait_for_everyone()
@@ -398,6 +416,11 @@ class ExpertLoadSync:
             load.copy_(reduced)
 
 
+# The final weights in files of at most this size: the folder's manifest hashes its files in parallel, one core each
+# (about 1.6 GB/s of SHA-256), so bench-moe's 10.5 GB in one file would take 6 s and in six shards about 1.
+FINAL_SHARD_SIZE = "2GB"
+
+
 def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dict[str, Any]) -> None:
     """Model, tokenizer and trainer state, written by the main process from the full (gathered) weights."""
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3: every process calls it
@@ -405,7 +428,7 @@ def save(accelerator: Accelerator, model, tokenizer, directory: Path, state: dic
         # Regionally compiled layers are `OptimizedModule`s whose weights sit under `_orig_mod.`
         state_dict = {name.replace("_orig_mod.", ""): tensor for name, tensor in state_dict.items()}
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        unwrapped.save_pretrained(directory, state_dict=state_dict, max_shard_size=FINAL_SHARD_SIZE)
         tokenizer.save_pretrained(directory)
         write_trainer_state(directory, state)
     accelerator.wait_for_everyone()
