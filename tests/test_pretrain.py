@@ -3,6 +3,7 @@ learning-rate schedules, a tiny end-to-end run from the apex-tiny recipe, and re
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from apex_hf import ApexForCausalLM
 from apex_hf.pretrain import load_pretrain_config, pretrain
 from apex_hf.pretrain import train as train_module
 from apex_hf.pretrain.build import build_scheduler, prepare_training
-from apex_hf.pretrain.data import PackedBatches, make_batch, pack_rows
+from apex_hf.pretrain.data import PackedBatches, make_batch, pack_documents, pack_rows
 from apex_hf.pretrain.train import SETUP_PHASES
 from apex_hf.stage_folder import read_log_history, read_summary
 
@@ -53,6 +54,20 @@ def test_packing_rows_positions_and_labels():
         else:
             assert position == batch["position_ids"].flatten()[flat_index - 1] + 1
         assert label == (-100 if flat_index in doc_starts or column == 0 else token)
+
+
+@pytest.mark.parametrize("limit", [None, 3, 100])
+def test_packed_rows_are_the_streamed_packing_rows(limit):
+    """`pack_rows` (map-style sources, held-out rows) cuts the same rows as `pack_documents` (streaming sources),
+    documents longer than a row included."""
+    docs = documents([5, 30, 3, 20, 9, 4, 11, 17, 2], seed=2)
+    input_ids, starts = pack_rows(docs, seq_len=8, limit=limit)
+    streamed = list(itertools.islice(pack_documents(docs, seq_len=8), limit))
+    assert input_ids.dtype == torch.int32 and starts.dtype == torch.bool and len(input_ids) == len(streamed)
+    assert torch.equal(input_ids, torch.stack([row for row, _ in streamed]))
+    assert torch.equal(starts, torch.stack([row_starts for _, row_starts in streamed]))
+    empty_ids, empty_starts = pack_rows(documents([3, 2]), seq_len=8)
+    assert empty_ids.shape == empty_starts.shape == (0, 8)
 
 
 def test_document_boundary_target_is_ignored_by_the_model_loss():

@@ -23,6 +23,7 @@ streaming, each source's position in its epoch), saved with every checkpoint.
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -104,7 +105,10 @@ def tokenize_documents(dataset, tokenizer, text_column: str, eos_token_id: int, 
     def encode(batch):
         # verbose=False: documents longer than the model's context are expected here, packing cuts them
         encoded = tokenizer(batch[text_column], verbose=False)["input_ids"]
-        return {"input_ids": [ids if ids[-1:] == [eos_token_id] else [*ids, eos_token_id] for ids in encoded]}
+        for ids in encoded:  # in place: copying every document's list cost a tenth of the tokenizing
+            if not ids or ids[-1] != eos_token_id:
+                ids.append(eos_token_id)
+        return {"input_ids": encoded}
 
     kwargs = {"num_proc": num_proc or None} if isinstance(dataset, datasets.Dataset) else {}
     dataset = dataset.filter(lambda text: bool(text and text.strip()), input_columns=text_column, **kwargs)
@@ -138,12 +142,23 @@ def pack_documents(documents: Iterable[list[int]], seq_len: int) -> Iterator[tup
 
 
 def pack_rows(documents: Iterable[list[int]], seq_len: int, limit: int | None = None):
-    """All packed rows (at most `limit`) as two `[rows, seq_len]` tensors."""
-    rows = list(itertools.islice(pack_documents(documents, seq_len), limit))
-    if not rows:
+    """All packed rows (at most `limit`) as two `[rows, seq_len]` tensors: `pack_documents`' rows, cut from one flat
+    array of the documents' tokens (a tensor per row took 1.3 s of bench-moe's 24 MB corpus)."""
+    tokens, document_starts = array("i"), []
+    for ids in documents:
+        if limit is not None and len(tokens) >= limit * seq_len:
+            break
+        document_starts.append(len(tokens))
+        tokens.extend(ids)
+    rows = len(tokens) // seq_len if limit is None else min(len(tokens) // seq_len, limit)
+    if rows == 0:
         return torch.empty(0, seq_len, dtype=torch.int32), torch.empty(0, seq_len, dtype=torch.bool)
-    input_ids, starts = zip(*rows)
-    return torch.stack(input_ids), torch.stack(starts)
+    input_ids = torch.frombuffer(tokens, dtype=torch.int32)[: rows * seq_len].clone().view(rows, seq_len)
+    starts = torch.zeros(rows * seq_len, dtype=torch.bool)
+    starts[[start for start in document_starts if start < rows * seq_len]] = True
+    starts = starts.view(rows, seq_len)
+    starts[:, 0] = True  # a document cut at a row boundary goes on as a new segment
+    return input_ids, starts
 
 
 def make_batch(input_ids: torch.Tensor, document_starts: torch.Tensor) -> dict[str, torch.Tensor]:
