@@ -1605,7 +1605,7 @@ def multi_token_prediction_targets(labels: torch.Tensor, position_ids: torch.Ten
     return F.pad(targets, (0, 1), value=-100)
 
 
-# Rows of the training loss's logits alive at once: this many logits (256 MiB in fp32) over the vocabulary
+# The training loss's logits alive at once (256 MiB in fp32): its chunks are this many over the vocabulary size rows
 TRAINING_LOSS_CHUNK_LOGITS = 2**26
 
 
@@ -1624,8 +1624,9 @@ def chunked_causal_lm_loss(
     """transformers' `ForCausalLMLoss(head(hidden_states), labels, ...)` (fp32 cross-entropy, -100 ignored, mean over
     the targets or sum / `num_items_in_batch`) without the `[tokens, vocab]` logits: the head and the cross-entropy
     run on `TRAINING_LOSS_CHUNK_LOGITS // vocab` rows at a time, and each chunk is recomputed in backward instead of
-    kept. At 16k tokens and a 32k vocabulary the whole logits would take 2 GiB in bf16 and 4 GiB each for their fp32
-    copy and its gradient; one chunk takes 256 MiB. The cost is the head's forward once more in backward.
+    kept. At 16k tokens and a 32k vocabulary the whole logits would take 1 GiB in bf16 and 2 GiB each for their fp32
+    copy, its log-softmax and its gradient; one chunk takes 256 MiB. The cost is the head's forward once more in
+    backward.
 
     Written here, not taken from a library: torch's chunked `linear_cross_entropy` (torch 2.13) and Liger's fused
     kernel take the head's weight, so they would drop a LoRA adapter or any other wrapper on the head; Liger needs

@@ -194,3 +194,27 @@ def test_checkpoints_are_published_in_the_background_and_their_errors_raised(tmp
     with pytest.raises(OSError, match="No space left"):
         publisher.wait()
     assert (tmp_path / ".checkpoint-30.partial").is_dir() and not (tmp_path / "checkpoint-30").exists()
+
+
+def test_a_failing_run_finishes_publishing_its_checkpoint_first(tmp_path, monkeypatch):
+    """A run that fails after a checkpoint leaves that checkpoint published and intact, to resume from, even while
+    its publishing is slow."""
+    from apex_hf.pretrain.train import PretrainRun
+
+    def slow_publish(partial, final, total_limit):
+        time.sleep(2)
+        publish_checkpoint(partial, final, total_limit)
+
+    def fail_after_step_7(self, step, stop):
+        if step == 7:
+            raise RuntimeError("the GPU fell off the bus")
+        return between_steps(self, step, stop)
+
+    between_steps = PretrainRun.between_steps
+    monkeypatch.setattr(checkpoint_module, "publish_checkpoint", slow_publish)
+    monkeypatch.setattr(PretrainRun, "between_steps", fail_after_step_7)
+    monkeypatch.chdir(REPO_ROOT)
+    output_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="fell off the bus"):
+        pretrain(TINY_RECIPE, [*RUN, "--save_steps", "5", "--output_dir", str(output_dir)])
+    assert _checkpoints(output_dir) == [5] and first_manifest_problem(output_dir / "checkpoint-5") is None

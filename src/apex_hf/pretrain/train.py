@@ -76,6 +76,7 @@ def run_pretrain(config: PretrainConfig, overwrite: bool = False) -> Path:
     folder = RunFolder.open(config.output_dir, resume=resumes_in_place(config), overwrite=overwrite)
     if config.model.name_or_path:
         check_model_folder(config.model.name_or_path)
+    run = None
     try:
         run = PretrainRun.build(config, folder)
         run.train()
@@ -86,7 +87,11 @@ def run_pretrain(config: PretrainConfig, overwrite: bool = False) -> Path:
             raise TrainingStopped(stopped.step, stopped.checkpoint, resumable=False) from None
         raise
     except BaseException:
-        folder.discard()
+        try:
+            if run is not None:
+                run.publisher.wait()  # a checkpoint in flight is finished (or its error chained to this one) first
+        finally:
+            folder.discard()
         raise
 
 
