@@ -1,6 +1,6 @@
 """The device-side decoding loops (`apex_hf.decoding`) against `generate`: same tokens, same stopping and padding, the
-speculative round's bookkeeping, and the refusals. On the CPU the steps run uncompiled and without CUDA graphs;
-`test_gpu.py` runs them compiled and captured."""
+speculative round's bookkeeping, and the refusals. On the CPU the steps run without CUDA graphs, uncompiled (and once
+compiled, counting the graphs); `test_gpu.py` runs them compiled and captured."""
 
 import pytest
 import torch
@@ -133,3 +133,24 @@ def test_greedy_decoder_takes_a_tokenizer_s_mask_and_refuses_padding():
     mask[1, 0] = 0
     with pytest.raises(ValueError, match="without padding"):
         decoder.generate(ids, mask, max_new_tokens=NEW_TOKENS)
+
+
+def test_compiled_steps_match_generate_in_one_graph_each_without_recompiling():
+    """The steps as a GPU runs them, compiled (`torch.compile`; the CUDA-graph capture needs a GPU, `test_gpu.py`):
+    the same tokens as `generate`; each step function is one graph, without graph breaks (the greedy step; the
+    speculative round's catch-up, draft and verify), and a second call compiles nothing, so a captured graph replays
+    the code every later step would run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, ids = looped(), prompt(batch=1)
+    expected = reference(model, ids, eos_token_id=None)
+    greedy = GreedyDecoder(model, max_length=40, compile=True)
+    speculative = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3, compile=True)
+    for decoder, graphs in ((greedy, 1), (speculative, 1 + 3)):
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+        assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+    for decoder in (greedy, speculative):
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+    assert counters["stats"]["unique_graphs"] == 4
