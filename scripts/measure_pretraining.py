@@ -109,6 +109,7 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
         "eval_loss_before": summary["eval_loss_before"],
         "eval_loss_after": summary["eval_loss_after"],
         "wall_seconds_by_phase": summary["wall_seconds_by_phase"],
+        "checkpoint_publishing_seconds": summary["checkpoint_publishing_seconds"],
         "wall_seconds": time.perf_counter() - started,
     }
 

@@ -267,6 +267,7 @@ def test_tiny_pretrain_end_to_end(tmp_path, monkeypatch):
     assert list(phases) == ["training_steps", *SETUP_PHASES, "evaluation", "checkpoints", "final_save"]
     assert all(seconds > 0 for seconds in phases.values()), phases
     assert phases["training_steps"] == summary["train_runtime"] and sum(phases.values()) < summary["wall_seconds"]
+    assert 0 < summary["checkpoint_publishing_seconds"] < summary["wall_seconds"]  # checkpoint-10, in the background
     assert summary["graphs_compiled_after_warmup"] is None and "compiled_graphs" not in train_logs[-1]  # eager
     # the TensorBoard tracker wrote every logged scalar
     events = _tensorboard_scalars(output_dir / output_dir.name)

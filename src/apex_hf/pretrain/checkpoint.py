@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,18 @@ class CheckpointPublisher:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-publisher")
         self._in_flight: Future | None = None
+        self.seconds = 0.0  # spent publishing, beside the training steps
 
     def submit(self, partial: Path, final: Path, total_limit: int | None) -> None:
         self.wait()
-        self._in_flight = self._executor.submit(publish_checkpoint, partial, final, total_limit)
+        self._in_flight = self._executor.submit(self._publish, partial, final, total_limit)
+
+    def _publish(self, partial: Path, final: Path, total_limit: int | None) -> None:
+        started = time.perf_counter()
+        try:
+            publish_checkpoint(partial, final, total_limit)
+        finally:
+            self.seconds += time.perf_counter() - started
 
     @property
     def busy(self) -> bool:

@@ -328,6 +328,8 @@ class PretrainRun:
             # where the wall clock went: the training steps (warm-up included; a resumed run's earlier steps too) and
             # each phase of this process outside them
             "wall_seconds_by_phase": {"training_steps": log.train_seconds, **self.phase_seconds},
+            # hashing, flushing and renaming checkpoints in the background, beside the steps (not in the phases)
+            "checkpoint_publishing_seconds": self.publisher.seconds,
             "resumed_from_step": self.start_step or None,
             "num_parameters": self.num_parameters,
             "num_active_parameters": self.counts.active,
