@@ -133,7 +133,8 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| preset | GPUs | params (active) | steady tokens/s per GPU (MFU %) | whole run | benchmark step (MFU %) "
         "| steady / benchmark | whole / steady | warm-up (graphs compiled after it) | peak GiB | held-out loss "
-        "| seconds outside the steps: setup (model) / evaluation / checkpoints / final save |",
+        "| seconds outside the steps: setup (model) / evaluation / checkpoints (publishing beside the steps) "
+        "/ final save |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -142,8 +143,10 @@ def table(rows: list[dict]) -> str:
             continue
         phases = r["wall_seconds_by_phase"]
         setup = sum(phases.get(name, 0.0) for name in SETUP_PHASES)
-        outside = f"{setup:.0f} ({phases['model']:.0f}) / " + " / ".join(
-            f"{phases.get(name, 0.0):.0f}" for name in ("evaluation", "checkpoints", "final_save")
+        outside = (
+            f"{setup:.0f} ({phases['model']:.0f}) / {phases.get('evaluation', 0.0):.0f} / "
+            f"{phases.get('checkpoints', 0.0):.0f} ({r['checkpoint_publishing_seconds']:.0f}) / "
+            f"{phases.get('final_save', 0.0):.0f}"
         )
         recompiled = r["graphs_compiled_after_warmup"]
         warmup = f"{_number(r['warmup_seconds'], '.0f')} s" + ("" if recompiled is None else f" ({recompiled})")

@@ -619,6 +619,7 @@ def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
             training_steps=90.0, data=0.5, tokenizer=3.2, model=1.4, batches=4.0, prepare=0.6, evaluation=2.6,
             checkpoints=12.0, final_save=6.2,
         ),
+        checkpoint_publishing_seconds=25.4,
     )  # fmt: skip
     lines = script.table([row, {**row, "compiled": False, "graphs_compiled_after_warmup": None}]).splitlines()
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
@@ -627,4 +628,4 @@ def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
     assert compiled[0] == "bench-moe (compiled)" and eager[0] == "bench-moe"
     assert compiled[3:8] == ["80,000 (40.0)", "70,000", "100,000 (50.0)", "0.80", "0.88"]  # per GPU, and ratios
     assert compiled[8] == "30 s (0)" and eager[8] == "30 s"
-    assert compiled[11] == "10 (1) / 3 / 12 / 6"  # setup 9.7 s, the model built in 1.4
+    assert compiled[11] == "10 (1) / 3 / 12 (25) / 6"  # setup 9.7 s, the model built in 1.4; publishing beside
