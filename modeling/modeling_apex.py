@@ -1623,10 +1623,11 @@ def chunked_causal_lm_loss(
 ) -> torch.Tensor:
     """transformers' `ForCausalLMLoss(head(hidden_states), labels, ...)` (fp32 cross-entropy, -100 ignored, mean over
     the targets or sum / `num_items_in_batch`) without the `[tokens, vocab]` logits: the head and the cross-entropy
-    run on `TRAINING_LOSS_CHUNK_LOGITS // vocab` rows at a time, and each chunk is recomputed in backward instead of
-    kept. At 16k tokens and a 32k vocabulary the whole logits would take 1 GiB in bf16 and 2 GiB each for their fp32
-    copy, its log-softmax and its gradient; one chunk takes 256 MiB. The cost is the head's forward once more in
-    backward.
+    run on `TRAINING_LOSS_CHUNK_LOGITS // vocab` rows at a time, and where there is more than one chunk each is
+    recomputed in backward instead of kept. At 16k tokens and a 32k vocabulary the whole logits would take 1 GiB in
+    bf16 and 2 GiB each for their fp32 copy, its log-softmax and its gradient; one chunk takes 256 MiB. The cost is
+    the head's forward once more in backward: 2-3 % of a bench-moe training step by count, 20 % more time for a small
+    model whose head is most of its compute (measured on a CPU), which is why a single chunk is not recomputed.
 
     Written here, not taken from a library: torch's chunked `linear_cross_entropy` (torch 2.13) and Liger's fused
     kernel take the head's weight, so they would drop a LoRA adapter or any other wrapper on the head; Liger needs
@@ -1636,16 +1637,19 @@ def chunked_causal_lm_loss(
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = shift_labels.reshape(-1).to(hidden.device)
     rows = max(1, TRAINING_LOSS_CHUNK_LOGITS // vocab_size)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], rows):
-        total = total + checkpoint(
-            _summed_cross_entropy,
-            head,
-            hidden[start : start + rows],
-            targets[start : start + rows],
-            use_reentrant=False,
-            preserve_rng_state=False,  # the head draws no random numbers
-        )
+    if hidden.shape[0] <= rows:  # one chunk holds them all: recomputing it would cost time and save nothing
+        total = _summed_cross_entropy(head, hidden, targets)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], rows):
+            total = total + checkpoint(
+                _summed_cross_entropy,
+                head,
+                hidden[start : start + rows],
+                targets[start : start + rows],
+                use_reentrant=False,
+                preserve_rng_state=False,  # the head draws no random numbers
+            )
     if num_items_in_batch is None:
         return total / (targets != -100).sum()
     if torch.is_tensor(num_items_in_batch):

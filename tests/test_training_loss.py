@@ -55,8 +55,11 @@ def loss_and_gradients(model: ApexForCausalLM, **extra) -> tuple[torch.Tensor, d
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("rows_per_chunk", [ROWS_PER_CHUNK, None], ids=["chunks", "one_chunk"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_training_loss_and_gradients_equal_the_whole_logits_loss(case, small_chunks, monkeypatch):
+def test_training_loss_and_gradients_equal_the_whole_logits_loss(case, rows_per_chunk, monkeypatch):
+    if rows_per_chunk is not None:
+        monkeypatch.setattr(modeling_apex, "TRAINING_LOSS_CHUNK_LOGITS", rows_per_chunk * 97)
     loss, gradients = loss_and_gradients(build(case))
     monkeypatch.setattr(modeling_apex, "chunked_causal_lm_loss", whole_logits_loss)
     # a model of its own: a training forward moves the routers' balancing biases
