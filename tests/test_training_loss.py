@@ -1,6 +1,6 @@
 """The training loss without the logits: a training forward with labels computes the next-token loss (and the exit and
 MTP losses) in chunks of the hidden states, with the same value and gradients as transformers' loss on whole logits,
-and keeps no `[tokens, vocab]` tensor for backward."""
+and, in more than one chunk, keeps no `[tokens, vocab]` tensor for backward."""
 
 import pytest
 import torch
