@@ -1669,7 +1669,8 @@ class ApexMultiTokenPredictor(nn.Module):
         self.layer = ApexDecoderLayer(config, config.num_physical_layers - 1)
         self.final_norm = ApexRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, next_token_embeds, attention_mask, position_embeddings, position_ids):
+    def forward(self, hidden_states, next_token_embeds, attention_mask, position_embeddings, position_ids, cache=None):
+        """`cache`: decoding only, a cache of this depth's own (its first layer holds the keys and values)."""
         hidden_states = self.input_proj(
             torch.cat((self.hidden_norm(hidden_states), self.embedding_norm(next_token_embeds)), dim=-1)
         )
@@ -1678,6 +1679,7 @@ class ApexMultiTokenPredictor(nn.Module):
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
+            **({CACHE_NAME: cache, "cache_index": 0} if cache is not None else {}),
         )
         return hidden_states
 
@@ -1815,27 +1817,17 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
         embeds = self.model.embed(input_ids)
-        last_layer_type = self.config.physical("layer_types")[self.config.num_physical_layers - 1]
         losses = []
         for depth, predictor in enumerate(self.mtp, start=1):
             length = seq_len - depth
             if length < 2:
                 break
             positions = position_ids[:, :length]
-            sliding = last_layer_type == "sliding_attention"
-            mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
-            mask = mask_function(  # positional: see ApexModel.forward
-                self.config,
-                hidden_states[:, :length],
-                attention_mask[:, :length] if isinstance(attention_mask, torch.Tensor) else None,
-                None,
-                positions,
-            )
+            padding = attention_mask[:, :length] if isinstance(attention_mask, torch.Tensor) else None
             hidden_states = predictor(
                 hidden_states[:, :length],
                 embeds[:, depth:],
-                mask,
-                self.model.position_embeddings(hidden_states, positions)[last_layer_type],
+                *self._mtp_attention_inputs(hidden_states[:, :length], padding, None, positions),
                 positions,
             )
             targets = multi_token_prediction_targets(labels, position_ids, depth)
@@ -1848,6 +1840,40 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
                 )
             )
         return torch.stack(losses).mean() if losses else hidden_states.new_zeros(())
+
+    def _mtp_attention_inputs(self, hidden_states, attention_mask, cache: Cache | None, position_ids) -> tuple:
+        """The mask and RoPE of an MTP layer, which is built as the last physical layer (and has its type)."""
+        layer_type = self.config.physical("layer_types")[self.config.num_physical_layers - 1]
+        mask_function = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+        mask = mask_function(self.config, hidden_states, attention_mask, cache, position_ids)  # positional (forward)
+        return mask, self.model.position_embeddings(hidden_states, position_ids)[layer_type]
+
+    @torch.no_grad()
+    def guess_token_after_next(
+        self,
+        hidden_states: torch.Tensor,
+        next_input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        cache: Cache | None = None,
+    ) -> torch.LongTensor:
+        """Drafts for speculative decoding (DeepSeek-V3's use of its MTP module): at each position i, the first MTP
+        depth's greedy guess of token i + 2, from the model's last hidden state at i and token i + 1 (`next_input_ids`,
+        `[batch, seq]`). With `cache`, this depth's own (see `ApexMultiTokenPredictor.forward`), earlier positions are
+        read from it and these are written to it; without, the call reads these positions only."""
+        if not hasattr(self, "mtp"):
+            raise ValueError(
+                "this model has no multi-token prediction layers (num_mtp_layers=0) to guess with; train one with "
+                "num_mtp_layers >= 1"
+            )
+        predictor = self.mtp[0]
+        state = predictor(
+            hidden_states,
+            self.model.embed(next_input_ids),
+            *self._mtp_attention_inputs(hidden_states, None, cache, position_ids),
+            position_ids,
+            cache=cache,
+        )
+        return self.lm_head(predictor.final_norm(state)).argmax(-1)
 
 
 __all__ = ["ApexPreTrainedModel", "ApexModel", "ApexForCausalLM"]

@@ -8,7 +8,13 @@ way decoding the same prompts for the same number of new tokens:
 * `generate`, dynamic cache (eager), and static cache (transformers compiles the forward);
 * `GreedyDecoder`: the step compiled and captured as one CUDA graph;
 * `SelfSpeculativeDecoder` for each `--drafts` setting PASSESxTOKENS: drafts of that many tokens with that many passes,
-  verified at the full K.
+  verified at the full K;
+* `MultiTokenSpeculativeDecoder`, for a model with multi-token prediction layers (`measure_loop --variants
+  k3_recipe_mtp`): one draft a round from the first MTP depth.
+
+On a GPU the weights are bf16 and the decoders compiled and captured as CUDA graphs. `--device cpu` measures the
+same ways in fp32, eager and without graphs (and without the static-cache `generate`, which transformers compiles for
+GPUs): its acceptance rates are the model's, its speeds only the CPU's.
 
 Tokens/s is over all prompts, after one warm-up prompt per way (compiling and capturing). "same tokens" is the share
 of prompts whose new tokens equal `generate`'s (dynamic cache) exactly, and "agree" the mean share of new tokens
@@ -16,6 +22,8 @@ before the first difference. Prints a markdown table and writes JSON.
 
     python scripts/measure_loop.py --variants k3_recipe --seeds 1 --steps 1200 --no-decode --models runs/loop_models
     python scripts/measure_decoding.py --model runs/loop_models/k3_recipe-seed1 --out runs/decoding.json
+    python scripts/measure_loop.py --scale cpu --variants k3_recipe_mtp --seeds 1 --steps 600 --no-decode --models m
+    python scripts/measure_decoding.py --model m/k3_recipe_mtp-seed1 --device cpu
 """
 
 from __future__ import annotations
@@ -25,12 +33,19 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from apex_hf import ApexForCausalLM
-from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder, SpeculationStats
+from apex_hf.decoding import (
+    GreedyDecoder,
+    MultiTokenSpeculativeDecoder,
+    SelfSpeculativeDecoder,
+    SpeculationStats,
+    SpeculativeDecoder,
+)
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,11 +60,11 @@ def held_out_prompts(packages: list[str], count: int, length: int) -> torch.Tens
 
 def measure_way(decode: Callable[[torch.Tensor], torch.Tensor], prompts: torch.Tensor, new_tokens: int) -> dict:
     decode(prompts[:1])  # warm-up: compiles, captures
-    torch.cuda.synchronize()
+    synchronize(prompts.device)
     outputs, started = [], time.perf_counter()
     for prompt in prompts[1:]:
         outputs.append(decode(prompt[None])[0, prompt.shape[0] :])
-    torch.cuda.synchronize()
+    synchronize(prompts.device)
     seconds = time.perf_counter() - started
     return {"tokens_per_s": new_tokens * len(outputs) / seconds, "outputs": outputs}
 
@@ -63,7 +78,12 @@ def agreement(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tup
     return same / len(reference), prefix / len(reference)
 
 
-def speculative_way(decoder: SelfSpeculativeDecoder, new_tokens: int, seen: list) -> Callable:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def speculative_way(decoder: SpeculativeDecoder, new_tokens: int, seen: list) -> Callable:
     """The decoder as a way to measure, keeping each call's counts in `seen`."""
 
     def decode(prompt: torch.Tensor) -> torch.Tensor:
@@ -74,7 +94,7 @@ def speculative_way(decoder: SelfSpeculativeDecoder, new_tokens: int, seen: list
     return decode
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a saved looped Apex model (measure_loop --models)")
     parser.add_argument("--packages", nargs="+", default=["transformers", "torch", "accelerate"])
@@ -82,30 +102,38 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--drafts", nargs="+", default=["1x2", "1x4", "2x4"], help="PASSESxTOKENS per round")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (refuses an existing file)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("scripts/measure_decoding.py measures a CUDA GPU; none is available")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU is available here; measure on one, or pass --device cpu")
     if args.out is not None and args.out.exists():
         raise SystemExit(f"{args.out} exists; choose another --out")
     drafts = [tuple(int(n) for n in setting.split("x")) for setting in args.drafts]
-    model = ApexForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to("cuda").eval()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = ApexForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     model.config.refinement_exit_threshold = None  # fixed K: the graphed loops cannot exit per token
-    prompts = held_out_prompts(args.packages, args.prompts, args.prompt_length).to("cuda")
+    prompts = held_out_prompts(args.packages, args.prompts, args.prompt_length).to(args.device)
     max_length, new = args.prompt_length + args.new_tokens, args.new_tokens
     settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    ways = {
-        "generate, dynamic cache": lambda p: model.generate(p, **settings),
-        "generate, static cache (compiled)": lambda p: model.generate(p, cache_implementation="static", **settings),
-    }
+    ways = {"generate, dynamic cache": lambda p: model.generate(p, **settings)}
+    if args.device == "cuda":
+        static = dict(settings, cache_implementation="static")
+        ways["generate, static cache (compiled)"] = lambda p: model.generate(p, **static)
     graphed = GreedyDecoder(model, max_length=max_length)
     ways["graphed greedy"] = lambda p: graphed.generate(p, max_new_tokens=new, ignore_eos=True)
+    decoders = {
+        f"self-speculative, {tokens} drafts at K = {passes}": partial(
+            SelfSpeculativeDecoder, draft_passes=passes, draft_tokens=tokens
+        )
+        for passes, tokens in drafts
+    }
+    if model.config.num_mtp_layers > 0:
+        decoders["multi-token speculative, 1 MTP draft"] = MultiTokenSpeculativeDecoder
     speculative = {}  # name: the counts of each call
-    for passes, tokens in drafts:
-        decoder = SelfSpeculativeDecoder(model, max_length=max_length, draft_passes=passes, draft_tokens=tokens)
-        name = f"self-speculative, {tokens} drafts at K = {passes}"
+    for name, make_decoder in decoders.items():
         speculative[name] = []
-        ways[name] = speculative_way(decoder, new, speculative[name])
+        ways[name] = speculative_way(make_decoder(model, max_length=max_length), new, speculative[name])
     rows, reference = [], None
     for name, decode in ways.items():
         result = measure_way(decode, prompts, new)
@@ -121,7 +149,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     speeds = {row["way"]: row["tokens_per_s"] for row in rows}
     plain, graphed_speed = speeds["generate, dynamic cache"], speeds["graphed greedy"]
-    print(f"\n{torch.cuda.get_device_name()}, {args.model}, K = {model.config.num_refinement_steps}, batch 1\n")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{device}, {args.model}, K = {model.config.num_refinement_steps}, batch 1\n")
     print("| way | tokens/s | vs generate (dynamic) | vs graphed greedy | same tokens | agree | acceptance |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
@@ -132,7 +161,7 @@ def main() -> None:
         )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}
+        report = {"device": device, "args": vars(args), "rows": rows}
         args.out.write_text(json.dumps(report, default=str, indent=2))
 
 

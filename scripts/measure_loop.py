@@ -17,6 +17,8 @@ Variants (the rows of the table; `--variants` picks some; ablations run only whe
     k3_sampled_deeper  the recipe with 3..6 passes drawn per training step, backpropagating through the last 3 (an
                        ablation)
     k3_coda_norm       the recipe with the loop's output normalised before the coda and the exits (an ablation)
+    k3_recipe_mtp      the recipe with one multi-token prediction depth (an ablation; its drafts are what
+                       `scripts/measure_decoding.py` speculates with)
     unique_depth       K = 1 with 3 x C unique core layers: the unrolled depth of K = 3, with ~2 x the parameters
     k1_equal_flops     K = 1 trained for as many steps as its FLOPs take to match K = 3's
 
@@ -29,6 +31,7 @@ against fixed K).
     python scripts/measure_loop.py --steps 1200 --seeds 0 1 --out loop.json   # on a GPU
     python scripts/measure_loop.py --steps 1200 --seeds 1 --parallel --out loop.json  # variants side by side
     python scripts/measure_loop.py --smoke                                   # seconds, CPU, for the tests
+    python scripts/measure_loop.py --scale cpu --steps 600 --seeds 1          # a smaller model, minutes on a CPU
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class Scale:
 
 SCALES = {
     "gpu": Scale(512, 8, 2, 16, 512, seq_len=1024, batch_size=16, eval_windows=256),
+    "cpu": Scale(128, 4, 2, 8, 128, seq_len=128, batch_size=8, eval_windows=64),
     "smoke": Scale(32, 4, 2, 4, 32, seq_len=64, batch_size=4, eval_windows=4),
 }
 
@@ -154,6 +158,7 @@ VARIANTS = {
         Variant("k3_state_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="every_pass"), **ABLATION),
         Variant("k3_sampled_deeper", dict(LOOPED, **LOOP_RECIPE, **SAMPLED_DEEPER), **ABLATION),
         Variant("k3_coda_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="before_coda"), **ABLATION),
+        Variant("k3_recipe_mtp", dict(LOOPED, **LOOP_RECIPE, num_mtp_layers=1), **ABLATION),
         Variant(
             "k3_scaled_injection", {**LOOPED, **LOOP_RECIPE, "refinement_input_injection": "scaled_add"}, **ABLATION
         ),
@@ -362,7 +367,7 @@ def child_arguments(args) -> list[str]:
     arguments += ["--max-megabytes", str(args.max_megabytes), "--device", args.device]
     if args.override:
         arguments += ["--override", *(f"{name}={json.dumps(value)}" for name, value in args.override.items())]
-    return arguments + (["--smoke"] if args.smoke else [])
+    return arguments + (["--smoke"] if args.smoke else ["--scale", args.scale])
 
 
 def read_runs(paths: list[Path]) -> list[dict]:
@@ -525,6 +530,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train every (seed, variant) in its own process at once, then measure decode speeds alone: one GPU "
         "trains several of these small models faster side by side than one after the other",
     )
+    parser.add_argument("--scale", choices=[name for name in SCALES if name != "smoke"], default="gpu")
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on CPU: checks the script")
     args = parser.parse_args(argv)
     if args.parallel and args.merge:
@@ -537,12 +543,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.override = dict(parse_override(parser, item) for item in args.override)
     if args.smoke:
         args.steps, args.seeds, args.max_megabytes, args.packages = 3, [0], 2.0, ["transformers"]
+        args.scale = "smoke"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    scale = SCALES["smoke" if args.smoke else "gpu"]
+    scale = SCALES[args.scale]
     train_stream, held_out_stream, data = byte_streams(args.packages, args.max_megabytes)
     windows = held_out_windows(held_out_stream, scale)
     print(f"data: {json.dumps(data)}; {len(train_stream):,} train bytes, {len(held_out_stream):,} held-out bytes")

@@ -1,5 +1,5 @@
 """The device-side decoding loops (`apex_hf.decoding`) against `generate`: same tokens, same stopping and padding, the
-speculative round's bookkeeping, and the refusals. On the CPU the steps run without CUDA graphs, uncompiled (and once
+speculative rounds' bookkeeping, and the refusals. On the CPU the steps run without CUDA graphs, uncompiled (and once
 compiled, counting the graphs); `test_gpu.py` runs them compiled and captured."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
-from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder
+from apex_hf.decoding import GreedyDecoder, MultiTokenSpeculativeDecoder, SelfSpeculativeDecoder
 from apex_hf.presets import LOOP_RECIPE
 
 
@@ -92,6 +92,64 @@ def test_drafts_of_a_model_whose_later_passes_change_nothing_are_all_accepted():
     assert decoder.stats.tokens_per_round == 4
 
 
+MTP_MODELS = {"K=1": lambda: build(num_mtp_layers=1), "K=3, two depths": lambda: looped(num_mtp_layers=2)}
+
+
+def rounds_by_guesses(model, sequence: torch.Tensor, prompt_length: int) -> tuple[int, int]:
+    """The rounds and accepted drafts of a multi-token speculative decode that ends in `sequence`, from the first MTP
+    depth's guesses over the whole sequence read at once, without a cache: a round drafts the guess of the token at
+    the current length and moves two tokens on when it is right, one when not."""
+    hidden = model.model(sequence).last_hidden_state[:, :-1]
+    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+    guesses = model.guess_token_after_next(hidden, sequence[:, 1:], positions)[0]  # [i]: token i + 2
+    length, rounds, accepted = prompt_length + 1, 0, 0
+    while length < sequence.shape[1]:
+        right = int(guesses[length - 2] == sequence[0, length])
+        rounds, accepted, length = rounds + 1, accepted + right, length + 1 + right
+    return rounds, accepted
+
+
+@pytest.mark.parametrize("make", MTP_MODELS.values(), ids=MTP_MODELS)
+def test_multi_token_speculative_decoder_matches_generate_and_drafts_the_mtp_guesses(make):
+    """The tokens of `generate`, and the rounds that the MTP layer's guesses over the finished sequence predict: its
+    cache, rolled back with each rejected draft, reads as the whole sequence does."""
+    model, ids = make(), prompt(batch=1)
+    expected = reference(model, ids, eos_token_id=None)
+    decoder = MultiTokenSpeculativeDecoder(model, max_length=40)
+    for _ in range(2):
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+        stats = decoder.stats
+        assert (stats.rounds, stats.accepted) == rounds_by_guesses(model, expected, ids.shape[1])
+        assert stats.drafted == stats.rounds
+
+
+def test_multi_token_drafts_of_a_model_that_learned_a_cycle_are_accepted():
+    """Trained for a moment on a repeating sequence, the MTP layer guesses the token after next: nearly every draft
+    is accepted, two tokens a round, and the output is still `generate`'s."""
+    model = build(num_mtp_layers=1).train()
+    cycle = torch.tensor([[5, 17, 42, 8, 63, 29, 71]]).repeat(1, 6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        model(cycle, labels=cycle).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    ids = cycle[:, :9]
+    decoder = MultiTokenSpeculativeDecoder(model, max_length=40)
+    out = decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    assert torch.equal(out, reference(model, ids, eos_token_id=None))
+    assert torch.equal(out[0, 9:], cycle[0, 9 : 9 + NEW_TOKENS])  # it learned the cycle
+    assert decoder.stats.acceptance >= 0.9 and decoder.stats.tokens_per_round >= 1.9
+
+
+def test_multi_token_speculative_decoder_stops_at_the_end_token():
+    model, ids = looped(num_mtp_layers=1), prompt(batch=1)
+    end = int(reference(model, ids, eos_token_id=None)[0, ids.shape[1] + 8])
+    expected = reference(model, ids, eos_token_id=end)
+    decoder = MultiTokenSpeculativeDecoder(model, max_length=40)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=end), expected)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -102,6 +160,8 @@ def test_drafts_of_a_model_whose_later_passes_change_nothing_are_all_accepted():
         (lambda: SelfSpeculativeDecoder(build(), max_length=40), "draft_passes=1"),
         (lambda: SelfSpeculativeDecoder(looped(), max_length=40, draft_tokens=0), "draft_tokens=0"),
         (lambda: SelfSpeculativeDecoder(build("gqa"), max_length=40), "sliding"),
+        (lambda: MultiTokenSpeculativeDecoder(looped(), max_length=40), "num_mtp_layers=0"),
+        (lambda: MultiTokenSpeculativeDecoder(build("gqa", num_mtp_layers=1), max_length=40), "sliding"),
     ],
 )
 def test_decoders_refuse_what_they_cannot_do(make, message):
@@ -138,19 +198,21 @@ def test_greedy_decoder_takes_a_tokenizer_s_mask_and_refuses_padding():
 def test_compiled_steps_match_generate_in_one_graph_each_without_recompiling():
     """The steps as a GPU runs them, compiled (`torch.compile`; the CUDA-graph capture needs a GPU, `test_gpu.py`):
     the same tokens as `generate`; each step function is one graph, without graph breaks (the greedy step; the
-    speculative round's catch-up, draft and verify), and a second call compiles nothing, so a captured graph replays
-    the code every later step would run."""
+    self-speculative round's catch-up, draft and verify; the multi-token round), and a second call compiles nothing,
+    so a captured graph replays the code every later step would run."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    model, ids = looped(), prompt(batch=1)
+    model, ids = looped(num_mtp_layers=1), prompt(batch=1)
     expected = reference(model, ids, eos_token_id=None)
     greedy = GreedyDecoder(model, max_length=40, compile=True)
     speculative = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3, compile=True)
-    for decoder, graphs in ((greedy, 1), (speculative, 1 + 3)):
+    multi_token = MultiTokenSpeculativeDecoder(model, max_length=40, compile=True)
+    decoders = (greedy, speculative, multi_token)
+    for decoder, graphs in zip(decoders, (1, 1 + 3, 1 + 3 + 1)):
         assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
         assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
-    for decoder in (greedy, speculative):
+    for decoder in decoders:
         assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
-    assert counters["stats"]["unique_graphs"] == 4
+    assert counters["stats"]["unique_graphs"] == 5

@@ -9,7 +9,7 @@ from test_training_loss import whole_logits_loss
 from tiny_configs import VARIANTS, tiny_config
 
 from apex_hf import ApexForCausalLM
-from apex_hf.decoding import GreedyDecoder, SelfSpeculativeDecoder
+from apex_hf.decoding import GreedyDecoder, MultiTokenSpeculativeDecoder, SelfSpeculativeDecoder
 from apex_hf.presets import LOOP_RECIPE, get_preset
 
 
@@ -228,13 +228,19 @@ def test_graphed_greedy_decoding_matches_generate(batch):
         assert decoder._run.graph is not None
 
 
-def test_graphed_self_speculative_decoding_matches_generate():
+@pytest.mark.parametrize("speculation", ["fewer passes", "multi-token prediction"])
+def test_graphed_speculative_decoding_matches_generate(speculation):
     torch.manual_seed(0)
-    config = tiny_config(num_refinement_steps=3, num_experts=4, num_experts_per_tok=2, **LOOP_RECIPE, **GPU_SIZES)
+    config = tiny_config(
+        num_refinement_steps=3, num_experts=4, num_experts_per_tok=2, num_mtp_layers=1, **LOOP_RECIPE, **GPU_SIZES
+    )
     model = ApexForCausalLM._from_config(config, attn_implementation="sdpa").to("cuda").eval()
     prompt = ids(batch=1, length=9)
     expected = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
-    decoder = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3)
+    if speculation == "fewer passes":
+        decoder = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3)
+    else:
+        decoder = MultiTokenSpeculativeDecoder(model, max_length=40)
     for _ in range(2):
         assert torch.equal(decoder.generate(prompt, max_new_tokens=24, ignore_eos=True), expected)
         assert decoder._run.graph is not None and decoder.stats.rounds > 0

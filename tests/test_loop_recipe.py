@@ -157,20 +157,20 @@ def test_recipe_fields_are_checked(overrides, field):
         ApexConfig(num_refinement_steps=2, max_refinement_steps=4, **overrides)
 
 
-def import_measure_loop():
+def import_script(name: str):
+    import importlib
     import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
     try:
-        import measure_loop
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return measure_loop
 
 
 def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
-    measure_loop = import_measure_loop()
+    measure_loop = import_script("measure_loop")
     out = tmp_path / "loop.json"
     assert measure_loop.main(["--smoke", "--out", str(out)]) == 0
     table = capsys.readouterr().out
@@ -194,8 +194,27 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
     assert "exit_curve" not in report["rows"][0]  # k1: nothing to exit from
 
 
+def test_measure_decoding_on_the_cpu_times_every_way_with_the_same_tokens(tmp_path, capsys):
+    """A model trained with an MTP depth (`k3_recipe_mtp`), decoded by `measure_decoding.py --device cpu`: every way,
+    the speculative ones with their acceptance, gives `generate`'s tokens."""
+    measure_loop = import_script("measure_loop")
+    models = tmp_path / "models"
+    assert measure_loop.main(["--smoke", "--variants", "k3_recipe_mtp", "--no-decode", "--models", str(models)]) == 0
+    measure_decoding = import_script("measure_decoding")
+    out = tmp_path / "decoding.json"
+    sizes = ["--prompts", "2", "--prompt-length", "16", "--new-tokens", "8", "--drafts", "1x2"]
+    model = str(models / "k3_recipe_mtp-seed0")
+    measure_decoding.main(["--model", model, "--device", "cpu", *sizes, "--packages", "accelerate", "--out", str(out)])
+    rows = {row["way"]: row for row in __import__("json").loads(out.read_text())["rows"]}
+    speculative = ["self-speculative, 2 drafts at K = 1", "multi-token speculative, 1 MTP draft"]
+    assert list(rows) == ["generate, dynamic cache", "graphed greedy", *speculative]
+    assert all(row["same_tokens"] == 1.0 and row["tokens_per_s"] > 0 for row in rows.values())
+    assert all(0 <= rows[way]["acceptance"] <= 1 for way in speculative)
+    assert "| multi-token speculative, 1 MTP draft |" in capsys.readouterr().out
+
+
 def test_measure_loop_trains_variants_in_parallel_processes_and_measures_decode_alone(tmp_path, capsys):
-    measure_loop = import_measure_loop()
+    measure_loop = import_script("measure_loop")
     out, models = tmp_path / "loop.json", tmp_path / "models"
     argv = ["--smoke", "--parallel", "--variants", "k1", "k3_recipe", "--models", str(models), "--out", str(out)]
     assert measure_loop.main(argv) == 0

@@ -1,4 +1,5 @@
-"""Greedy decoding with the whole step on the device: plain, and self-speculative for looped models.
+"""Greedy decoding with the whole step on the device: plain, self-speculative for looped models, and speculative with
+the model's multi-token prediction layers.
 
 Why a decoding loop of its own: at batch 1 a decode step of a 2B-parameter MoE is a few hundred small kernels that the
 GPU runs in about a millisecond, and `generate` adds about as much host work per token (a stopping check that syncs,
@@ -12,6 +13,8 @@ one launch per token; the host reads nothing back until a stop check every `stop
 in Huginn and LayerSkip) and verifies the drafts with the full K in one forward. A whole round, drafting, verifying,
 accepting and rolling the caches back, is one CUDA graph with the accepted count kept on the device, so there is one
 host read per round. Accepted tokens are the full model's own argmaxes, so the output is plain greedy decoding's.
+`MultiTokenSpeculativeDecoder` drafts one token a round with the first multi-token prediction depth instead, which
+costs one decoder layer rather than a shallower model, and verifies it in the round's two-token forward.
 
 Both return what `model.generate(input_ids, do_sample=False, max_new_tokens=N)` returns: prompt and new tokens, rows
 that ended padded after their end token. Prompts in one call have one length (no padding), and the model decodes at
@@ -202,7 +205,34 @@ class GreedyDecoder:
         return int(eos_ids[0]) if pad_token_id is None else pad_token_id
 
 
-class SelfSpeculativeDecoder(GreedyDecoder):
+class SpeculativeDecoder(GreedyDecoder):
+    """What the speculative decoders share: batch 1, rounds that each draft `draft_tokens` tokens and verify them,
+    the accepted count kept on the device, one host read per round (the length, for the stop), `stats` of the last
+    call. A subclass builds the round (`_runner`), the prefill, and sets `_accepted` to zero there."""
+
+    draft_tokens = 1
+
+    def __init__(self, model: torch.nn.Module, *, max_length: int, cuda_graph: bool | None, compile: bool | None):
+        check_full_attention(model.config)
+        super().__init__(model, max_length=max_length, batch_size=1, cuda_graph=cuda_graph, compile=compile)
+        self.draft_cache = StaticCache(config=model.config, max_cache_len=self.capacity)
+        self._offsets = torch.arange(self.draft_tokens + 1, device=self.device)
+        self._accepted = torch.zeros((), dtype=torch.long, device=self.device)
+        self.stats = SpeculationStats(rounds=0, drafted=0, accepted=0)
+
+    def _decode(self, prompt_length: int, max_new_tokens: int, eos_ids: torch.Tensor | None) -> None:
+        rounds, target = 0, prompt_length + max_new_tokens
+        while True:
+            self._run()
+            rounds += 1
+            length = int(self.length)  # one host read per round: how far the accepted drafts got
+            if length >= target or (eos_ids is not None and self._every_row_ended(prompt_length, length, eos_ids)):
+                break
+        drafted = rounds * self.draft_tokens
+        self.stats = SpeculationStats(rounds=rounds, drafted=drafted, accepted=int(self._accepted))
+
+
+class SelfSpeculativeDecoder(SpeculativeDecoder):
     """Greedy decoding of a looped Apex model at batch 1 that drafts `draft_tokens` tokens per round with
     `draft_passes` passes of the shared core (fewer than the model's `num_refinement_steps`) and keeps the longest
     prefix its full-depth forward agrees with, plus that forward's next token.
@@ -224,11 +254,7 @@ class SelfSpeculativeDecoder(GreedyDecoder):
         check_self_speculation(model, draft_passes, draft_tokens)
         self.draft_passes, self.draft_tokens = draft_passes, draft_tokens
         self.lookahead = draft_tokens + 1
-        super().__init__(model, max_length=max_length, batch_size=1, cuda_graph=cuda_graph, compile=compile)
-        self.draft_cache = StaticCache(config=model.config, max_cache_len=self.capacity)
-        self._offsets = torch.arange(draft_tokens + 1, device=self.device)
-        self._accepted = torch.zeros((), dtype=torch.long, device=self.device)
-        self.stats = SpeculationStats(rounds=0, drafted=0, accepted=0)
+        super().__init__(model, max_length=max_length, cuda_graph=cuda_graph, compile=compile)
 
     def _runner(self) -> StepRunner:
         """The round's pieces are compiled apart: the draft's single-token step runs several times a round with the
@@ -279,16 +305,76 @@ class SelfSpeculativeDecoder(GreedyDecoder):
             drafts.append(self._draft_next(drafts[-1], self.length + offset))
         self._verify(torch.cat(drafts, dim=1))
 
-    def _decode(self, prompt_length: int, max_new_tokens: int, eos_ids: torch.Tensor | None) -> None:
-        rounds, target = 0, prompt_length + max_new_tokens
-        while True:
-            self._run()
-            rounds += 1
-            length = int(self.length)  # one host read per round: how far the accepted drafts got
-            if length >= target or (eos_ids is not None and self._every_row_ended(prompt_length, length, eos_ids)):
-                break
-        drafted = rounds * self.draft_tokens
-        self.stats = SpeculationStats(rounds=rounds, drafted=drafted, accepted=int(self._accepted))
+
+class MultiTokenSpeculativeDecoder(SpeculativeDecoder):
+    """Greedy decoding at batch 1 of an Apex model with multi-token prediction layers (`num_mtp_layers` >= 1), which
+    drafts with the first MTP depth, as DeepSeek-V3 uses its MTP module: the model's state at a token and the next
+    token's embedding through one decoder layer give a guess of the token after.
+
+    A round reads two tokens through the model, the last one of the sequence and the draft of the one after it. Its
+    argmax after the first is the next token; when that equals the draft, its argmax after the second is one more
+    (otherwise the second position is rolled back). The MTP layer then reads the model's states at both positions (it
+    has a cache of its own, rolled back alike) and guesses the token after the round's last: the next draft. A round
+    costs one forward of two tokens, which at batch 1 takes about as long as one of one, plus one decoder layer, for
+    one or two tokens; it is one CUDA graph, so any model depth and any number of passes gains alike."""
+
+    lookahead = 2  # a round writes the token after the draft
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_length: int,
+        cuda_graph: bool | None = None,
+        compile: bool | None = None,
+    ):
+        if getattr(model.config, "num_mtp_layers", 0) < 1:
+            raise ValueError(
+                f"{type(model).__name__} has no multi-token prediction layers (num_mtp_layers=0) to draft with: train "
+                f"one with num_mtp_layers >= 1, or draft with fewer passes (SelfSpeculativeDecoder)"
+            )
+        super().__init__(model, max_length=max_length, cuda_graph=cuda_graph, compile=compile)
+        self._draft = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # the guess of the token at `length`
+
+    def _runner(self) -> StepRunner:
+        return StepRunner(self._round, self.compile, self.cuda_graph)
+
+    def _hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The model's last hidden states (the LM head's and the MTP layer's input) at device-side `positions`."""
+        output = self.model.model(
+            input_ids=input_ids, position_ids=positions.view(1, -1), use_cache=True, **{self.cache_keyword: self.cache}
+        )
+        return output.last_hidden_state
+
+    def _prefill(self, input_ids: torch.Tensor) -> None:
+        """The prompt through the model, then through the MTP layer with the prompt's next tokens (the first new
+        token last): the draft of the second new token."""
+        prompt_length = input_ids.shape[1]
+        self.cache.reset()
+        self.draft_cache.reset()
+        self.tokens[:, :prompt_length] = input_ids
+        positions = torch.arange(prompt_length, device=self.device)
+        hidden = self._hidden_states(input_ids, positions)
+        self.tokens[:, prompt_length] = self.model.lm_head(hidden[:, -1]).argmax(-1)
+        next_ids = self.tokens[:, 1 : prompt_length + 1]
+        guesses = self.model.guess_token_after_next(hidden, next_ids, positions.view(1, -1), self.draft_cache)
+        self._draft.copy_(guesses[:, -1:])
+        self.length.fill_(prompt_length + 1)
+        self._accepted.zero_()
+
+    def _round(self) -> None:
+        last = (self.length - 1).view(1)
+        positions = last + self._offsets
+        hidden = self._hidden_states(torch.cat([self.tokens.index_select(1, last), self._draft], dim=1), positions)
+        greedy = self.model.lm_head(hidden).argmax(-1)  # after the last token, and after the draft
+        accepted = (greedy[0, 0] == self._draft[0, 0]).long()
+        self.tokens.index_copy_(1, positions + 1, greedy)
+        set_cache_length(self.cache, self.length + accepted)
+        guesses = self.model.guess_token_after_next(hidden, greedy, positions.view(1, -1), self.draft_cache)
+        set_cache_length(self.draft_cache, self.length + accepted)
+        self._draft.copy_(guesses.index_select(1, accepted.view(1)))
+        self._accepted.add_(accepted)
+        self.length.add_(accepted + 1)
 
 
 class StepRunner:
@@ -350,8 +436,11 @@ def check_self_speculation(model: torch.nn.Module, draft_passes: int, draft_toke
         )
     if not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"draft_tokens={draft_tokens!r} is invalid: must be a positive integer")
+
+
+def check_full_attention(config) -> None:
     if set(config.layer_types) != {"full_attention"}:
         raise ValueError(
             f"layer_types {sorted(set(config.layer_types))}: a sliding-window cache overwrites the entries a rejected "
-            f"draft would roll back to; self-speculation needs full attention in every layer"
+            f"draft would roll back to; speculative decoding needs full attention in every layer"
         )
