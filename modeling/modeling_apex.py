@@ -1849,31 +1849,33 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         return mask, self.model.position_embeddings(hidden_states, position_ids)[layer_type]
 
     @torch.no_grad()
-    def guess_token_after_next(
+    def predict_ahead(
         self,
+        depth: int,
         hidden_states: torch.Tensor,
-        next_input_ids: torch.LongTensor,
+        ahead_ids: torch.LongTensor,
         position_ids: torch.LongTensor,
         cache: Cache | None = None,
-    ) -> torch.LongTensor:
-        """Drafts for speculative decoding (DeepSeek-V3's use of its MTP module): at each position i, the first MTP
-        depth's greedy guess of token i + 2, from the model's last hidden state at i and token i + 1 (`next_input_ids`,
-        `[batch, seq]`). With `cache`, this depth's own (see `ApexMultiTokenPredictor.forward`), earlier positions are
-        read from it and these are written to it; without, the call reads these positions only."""
-        if not hasattr(self, "mtp"):
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Drafts for speculative decoding (DeepSeek-V3's use of its MTP module): MTP depth `depth` (from 1) at each
+        position i, reading `hidden_states` there (the model's last hidden states for depth 1, the previous depth's
+        states otherwise) and token i + depth (`ahead_ids`, `[batch, seq]`). Returns this depth's states and its greedy
+        guesses of token i + depth + 1. With `cache`, this depth's own (see `ApexMultiTokenPredictor.forward`), earlier
+        positions are read from it and these are written to it; without, the call reads these positions only."""
+        if not 1 <= depth <= self.config.num_mtp_layers:
             raise ValueError(
-                "this model has no multi-token prediction layers (num_mtp_layers=0) to guess with; train one with "
-                "num_mtp_layers >= 1"
+                f"depth={depth} is invalid: this model has num_mtp_layers={self.config.num_mtp_layers} multi-token "
+                f"prediction depths (1..{self.config.num_mtp_layers}; none: train with num_mtp_layers >= 1)"
             )
-        predictor = self.mtp[0]
-        state = predictor(
+        predictor = self.mtp[depth - 1]
+        states = predictor(
             hidden_states,
-            self.model.embed(next_input_ids),
+            self.model.embed(ahead_ids),
             *self._mtp_attention_inputs(hidden_states, None, cache, position_ids),
             position_ids,
             cache=cache,
         )
-        return self.lm_head(predictor.final_norm(state)).argmax(-1)
+        return states, self.lm_head(predictor.final_norm(states)).argmax(-1)
 
 
 __all__ = ["ApexPreTrainedModel", "ApexModel", "ApexForCausalLM"]

@@ -10,7 +10,7 @@ way decoding the same prompts for the same number of new tokens:
 * `SelfSpeculativeDecoder` for each `--drafts` setting PASSESxTOKENS: drafts of that many tokens with that many passes,
   verified at the full K;
 * `MultiTokenSpeculativeDecoder`, for a model with multi-token prediction layers (`measure_loop --variants
-  k3_recipe_mtp`): one draft a round from the first MTP depth.
+  k3_recipe_mtp`): a draft a round from the first MTP depth, and from each further depth.
 
 On a GPU the weights are bf16 and the decoders compiled and captured as CUDA graphs. `--device cpu` measures the
 same ways in fp32, eager and without graphs (and without the static-cache `generate`, which transformers compiles for
@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         for passes, tokens in drafts
     }
-    if model.config.num_mtp_layers > 0:
-        decoders["multi-token speculative, 1 MTP draft"] = MultiTokenSpeculativeDecoder
+    for depths in range(1, model.config.num_mtp_layers + 1):
+        name = f"multi-token speculative, {depths} MTP draft{'s' * (depths > 1)}"
+        decoders[name] = partial(MultiTokenSpeculativeDecoder, draft_tokens=depths)
     speculative = {}  # name: the counts of each call
     for name, make_decoder in decoders.items():
         speculative[name] = []

@@ -17,7 +17,7 @@ Variants (the rows of the table; `--variants` picks some; ablations run only whe
     k3_sampled_deeper  the recipe with 3..6 passes drawn per training step, backpropagating through the last 3 (an
                        ablation)
     k3_coda_norm       the recipe with the loop's output normalised before the coda and the exits (an ablation)
-    k3_recipe_mtp      the recipe with one multi-token prediction depth (an ablation; its drafts are what
+    k3_recipe_mtp      the recipe with two multi-token prediction depths (an ablation; their drafts are what
                        `scripts/measure_decoding.py` speculates with)
     unique_depth       K = 1 with 3 x C unique core layers: the unrolled depth of K = 3, with ~2 x the parameters
     k1_equal_flops     K = 1 trained for as many steps as its FLOPs take to match K = 3's
@@ -158,7 +158,7 @@ VARIANTS = {
         Variant("k3_state_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="every_pass"), **ABLATION),
         Variant("k3_sampled_deeper", dict(LOOPED, **LOOP_RECIPE, **SAMPLED_DEEPER), **ABLATION),
         Variant("k3_coda_norm", dict(LOOPED, **LOOP_RECIPE, refinement_state_norm="before_coda"), **ABLATION),
-        Variant("k3_recipe_mtp", dict(LOOPED, **LOOP_RECIPE, num_mtp_layers=1), **ABLATION),
+        Variant("k3_recipe_mtp", dict(LOOPED, **LOOP_RECIPE, num_mtp_layers=2), **ABLATION),
         Variant(
             "k3_scaled_injection", {**LOOPED, **LOOP_RECIPE, "refinement_input_injection": "scaled_add"}, **ABLATION
         ),

@@ -92,41 +92,56 @@ def test_drafts_of_a_model_whose_later_passes_change_nothing_are_all_accepted():
     assert decoder.stats.tokens_per_round == 4
 
 
-MTP_MODELS = {"K=1": lambda: build(num_mtp_layers=1), "K=3, two depths": lambda: looped(num_mtp_layers=2)}
+MTP_MODELS = {
+    "K=1": (lambda: build(num_mtp_layers=1), {}),
+    "K=3, two depths": (lambda: looped(num_mtp_layers=2), {}),
+    "K=3, the first of two depths": (lambda: looped(num_mtp_layers=2), {"draft_tokens": 1}),
+    "K=1, three depths": (lambda: build(num_mtp_layers=3), {}),
+}
 
 
-def rounds_by_guesses(model, sequence: torch.Tensor, prompt_length: int) -> tuple[int, int]:
-    """The rounds and accepted drafts of a multi-token speculative decode that ends in `sequence`, from the first MTP
-    depth's guesses over the whole sequence read at once, without a cache: a round drafts the guess of the token at
-    the current length and moves two tokens on when it is right, one when not."""
-    hidden = model.model(sequence).last_hidden_state[:, :-1]
-    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
-    guesses = model.guess_token_after_next(hidden, sequence[:, 1:], positions)[0]  # [i]: token i + 2
-    length, rounds, accepted = prompt_length + 1, 0, 0
-    while length < sequence.shape[1]:
-        right = int(guesses[length - 2] == sequence[0, length])
-        rounds, accepted, length = rounds + 1, accepted + right, length + 1 + right
+def rounds_by_guesses(model, sequence: torch.Tensor, prompt_length: int, new_tokens: int, depths: int):
+    """The rounds and accepted drafts of a multi-token speculative decode of `new_tokens` after the prompt, from the
+    MTP depths read over the whole sequence each round, without a cache. A round's drafts are the depths' guesses at
+    its last read position: depth d reads the tokens d after each position, the previous depths' drafts past the
+    end. `sequence` runs `depths` tokens past the decode, for the last round's drafts to be compared."""
+    hidden = model.model(sequence).last_hidden_state
+    length, end, rounds, accepted = prompt_length + 1, prompt_length + new_tokens, 0, 0
+    while length < end:
+        last = length - 2  # the model has read positions 0..last
+        positions = torch.arange(last + 1).unsqueeze(0)
+        states, drafts = hidden[:, : last + 1], []
+        for depth in range(1, depths + 1):
+            ahead = torch.cat([sequence[:, depth : last + 2], torch.tensor([drafts], dtype=torch.long)], dim=1)
+            states, guesses = model.predict_ahead(depth, states, ahead, positions)
+            drafts.append(int(guesses[0, last]))
+        right = torch.tensor(drafts) == sequence[0, length : length + depths]
+        taken = int(right.long().cumprod(0).sum())
+        rounds, accepted, length = rounds + 1, accepted + taken, length + taken + 1
     return rounds, accepted
 
 
-@pytest.mark.parametrize("make", MTP_MODELS.values(), ids=MTP_MODELS)
-def test_multi_token_speculative_decoder_matches_generate_and_drafts_the_mtp_guesses(make):
-    """The tokens of `generate`, and the rounds that the MTP layer's guesses over the finished sequence predict: its
-    cache, rolled back with each rejected draft, reads as the whole sequence does."""
+@pytest.mark.parametrize(("make", "options"), MTP_MODELS.values(), ids=MTP_MODELS)
+def test_multi_token_speculative_decoder_matches_generate_and_drafts_the_mtp_guesses(make, options):
+    """The tokens of `generate`, and the rounds that the MTP depths' guesses over the whole sequence predict: their
+    caches, rolled back after each rejected draft, read as the whole sequence does, and each depth reads the drafts of
+    the depths before it."""
     model, ids = make(), prompt(batch=1)
-    expected = reference(model, ids, eos_token_id=None)
-    decoder = MultiTokenSpeculativeDecoder(model, max_length=40)
+    decoder = MultiTokenSpeculativeDecoder(model, max_length=40, **options)
+    depths = decoder.draft_tokens
+    longer = model.generate(ids, max_new_tokens=NEW_TOKENS + depths, do_sample=False, eos_token_id=None)
     for _ in range(2):
-        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+        assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), longer[:, :-depths])
         stats = decoder.stats
-        assert (stats.rounds, stats.accepted) == rounds_by_guesses(model, expected, ids.shape[1])
-        assert stats.drafted == stats.rounds
+        assert (stats.rounds, stats.accepted) == rounds_by_guesses(model, longer, ids.shape[1], NEW_TOKENS, depths)
+        assert stats.drafted == stats.rounds * depths
 
 
-def test_multi_token_drafts_of_a_model_that_learned_a_cycle_are_accepted():
-    """Trained for a moment on a repeating sequence, the MTP layer guesses the token after next: nearly every draft
-    is accepted, two tokens a round, and the output is still `generate`'s."""
-    model = build(num_mtp_layers=1).train()
+@pytest.mark.parametrize("depths", [1, 2])
+def test_multi_token_drafts_of_a_model_that_learned_a_cycle_are_accepted(depths):
+    """Trained for a moment on a repeating sequence, the MTP depths guess the tokens ahead: every draft is accepted,
+    `depths + 1` tokens a round, and the output is still `generate`'s."""
+    model = build(num_mtp_layers=depths).train()
     cycle = torch.tensor([[5, 17, 42, 8, 63, 29, 71]]).repeat(1, 6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(40):
@@ -139,7 +154,7 @@ def test_multi_token_drafts_of_a_model_that_learned_a_cycle_are_accepted():
     out = decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert torch.equal(out, reference(model, ids, eos_token_id=None))
     assert torch.equal(out[0, 9:], cycle[0, 9 : 9 + NEW_TOKENS])  # it learned the cycle
-    assert decoder.stats.acceptance >= 0.9 and decoder.stats.tokens_per_round >= 1.9
+    assert decoder.stats.acceptance == 1.0 and decoder.stats.rounds == -(-(NEW_TOKENS - 1) // (depths + 1))
 
 
 def test_multi_token_speculative_decoder_stops_at_the_end_token():
@@ -162,6 +177,7 @@ def test_multi_token_speculative_decoder_stops_at_the_end_token():
         (lambda: SelfSpeculativeDecoder(build("gqa"), max_length=40), "sliding"),
         (lambda: MultiTokenSpeculativeDecoder(looped(), max_length=40), "num_mtp_layers=0"),
         (lambda: MultiTokenSpeculativeDecoder(build("gqa", num_mtp_layers=1), max_length=40), "sliding"),
+        (lambda: MultiTokenSpeculativeDecoder(looped(num_mtp_layers=2), max_length=40, draft_tokens=3), "1..2"),
     ],
 )
 def test_decoders_refuse_what_they_cannot_do(make, message):
@@ -204,11 +220,11 @@ def test_compiled_steps_match_generate_in_one_graph_each_without_recompiling():
 
     torch._dynamo.reset()
     counters.clear()
-    model, ids = looped(num_mtp_layers=1), prompt(batch=1)
+    model, ids = looped(num_mtp_layers=2), prompt(batch=1)
     expected = reference(model, ids, eos_token_id=None)
     greedy = GreedyDecoder(model, max_length=40, compile=True)
     speculative = SelfSpeculativeDecoder(model, max_length=40, draft_tokens=3, compile=True)
-    multi_token = MultiTokenSpeculativeDecoder(model, max_length=40, compile=True)
+    multi_token = MultiTokenSpeculativeDecoder(model, max_length=40, compile=True)  # two depths
     decoders = (greedy, speculative, multi_token)
     for decoder, graphs in zip(decoders, (1, 1 + 3, 1 + 3 + 1)):
         assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)

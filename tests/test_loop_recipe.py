@@ -195,7 +195,7 @@ def test_measure_loop_smoke_runs_every_variant(tmp_path, capsys):
 
 
 def test_measure_decoding_on_the_cpu_times_every_way_with_the_same_tokens(tmp_path, capsys):
-    """A model trained with an MTP depth (`k3_recipe_mtp`), decoded by `measure_decoding.py --device cpu`: every way,
+    """A model trained with two MTP depths (`k3_recipe_mtp`), decoded by `measure_decoding.py --device cpu`: every way,
     the speculative ones with their acceptance, gives `generate`'s tokens."""
     measure_loop = import_script("measure_loop")
     models = tmp_path / "models"
@@ -206,7 +206,11 @@ def test_measure_decoding_on_the_cpu_times_every_way_with_the_same_tokens(tmp_pa
     model = str(models / "k3_recipe_mtp-seed0")
     measure_decoding.main(["--model", model, "--device", "cpu", *sizes, "--packages", "accelerate", "--out", str(out)])
     rows = {row["way"]: row for row in __import__("json").loads(out.read_text())["rows"]}
-    speculative = ["self-speculative, 2 drafts at K = 1", "multi-token speculative, 1 MTP draft"]
+    speculative = [
+        "self-speculative, 2 drafts at K = 1",
+        "multi-token speculative, 1 MTP draft",
+        "multi-token speculative, 2 MTP drafts",
+    ]
     assert list(rows) == ["generate, dynamic cache", "graphed greedy", *speculative]
     assert all(row["same_tokens"] == 1.0 and row["tokens_per_s"] > 0 for row in rows.values())
     assert all(0 <= rows[way]["acceptance"] <= 1 for way in speculative)

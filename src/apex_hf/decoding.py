@@ -307,72 +307,84 @@ class SelfSpeculativeDecoder(SpeculativeDecoder):
 
 
 class MultiTokenSpeculativeDecoder(SpeculativeDecoder):
-    """Greedy decoding at batch 1 of an Apex model with multi-token prediction layers (`num_mtp_layers` >= 1), which
-    drafts with the first MTP depth, as DeepSeek-V3 uses its MTP module: the model's state at a token and the next
-    token's embedding through one decoder layer give a guess of the token after.
+    """Greedy decoding at batch 1 of an Apex model with multi-token prediction layers, which drafts `draft_tokens`
+    tokens a round (default: one per MTP depth, `num_mtp_layers`) with the MTP depths, as DeepSeek-V3 uses its MTP
+    module: depth d reads depth d - 1's state at a token (the model's, for depth 1) and the embedding of the token d
+    after it, through one decoder layer, and guesses the token after that.
 
-    A round reads two tokens through the model, the last one of the sequence and the draft of the one after it. Its
-    argmax after the first is the next token; when that equals the draft, its argmax after the second is one more
-    (otherwise the second position is rolled back). The MTP layer then reads the model's states at both positions (it
-    has a cache of its own, rolled back alike) and guesses the token after the round's last: the next draft. A round
-    costs one forward of two tokens, which at batch 1 takes about as long as one of one, plus one decoder layer, for
-    one or two tokens; it is one CUDA graph, so any model depth and any number of passes gains alike."""
-
-    lookahead = 2  # a round writes the token after the draft
+    A round reads the last token of the sequence and the drafts through the model in one forward; its argmaxes are the
+    output up to the first draft they disagree with (inclusive), as in self-speculation. Then each depth reads the
+    model's (or the previous depth's) states at every position of the round, with a cache of its own rolled back to
+    the accepted tokens, and its guess at the last accepted position becomes the next round's draft d, which depth
+    d + 1 reads in turn. A round costs one forward of `draft_tokens + 1` tokens, which at batch 1 takes about as long
+    as one of one, plus `draft_tokens` decoder layers, for 1 to `draft_tokens + 1` tokens; it is one CUDA graph."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         *,
         max_length: int,
+        draft_tokens: int | None = None,
         cuda_graph: bool | None = None,
         compile: bool | None = None,
     ):
-        if getattr(model.config, "num_mtp_layers", 0) < 1:
-            raise ValueError(
-                f"{type(model).__name__} has no multi-token prediction layers (num_mtp_layers=0) to draft with: train "
-                f"one with num_mtp_layers >= 1, or draft with fewer passes (SelfSpeculativeDecoder)"
-            )
+        self.draft_tokens = check_multi_token_speculation(model, draft_tokens)
+        self.lookahead = self.draft_tokens + 1
         super().__init__(model, max_length=max_length, cuda_graph=cuda_graph, compile=compile)
-        self._draft = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # the guess of the token at `length`
+        # depth 1 uses the draft cache that every speculative decoder has; the others are built alike
+        self.depth_caches = [self.draft_cache] + [
+            StaticCache(config=model.config, max_cache_len=self.capacity) for _ in range(self.draft_tokens - 1)
+        ]
+        self._drafts = torch.zeros(1, self.draft_tokens, dtype=torch.long, device=self.device)
 
     def _runner(self) -> StepRunner:
         return StepRunner(self._round, self.compile, self.cuda_graph)
 
     def _hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The model's last hidden states (the LM head's and the MTP layer's input) at device-side `positions`."""
+        """The model's last hidden states (the LM head's and the first MTP depth's input) at device-side positions."""
         output = self.model.model(
             input_ids=input_ids, position_ids=positions.view(1, -1), use_cache=True, **{self.cache_keyword: self.cache}
         )
         return output.last_hidden_state
 
+    def _draft_chain(self, states: torch.Tensor, ahead: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
+        """Every depth over `positions` (one per state), of which those up to index `last` are the sequence's. `ahead`
+        holds the tokens from position `positions[0] + 1` on, known up to index `last`; depth d's guess at `last` is
+        written after them (index `last + d`), where depth d + 1 reads it. The drafts are those guesses."""
+        count = states.shape[1]
+        for depth, cache in enumerate(self.depth_caches, start=1):
+            ahead_ids = ahead[:, depth - 1 : depth - 1 + count]
+            states, guesses = self.model.predict_ahead(depth, states, ahead_ids, positions.view(1, -1), cache)
+            set_cache_length(cache, positions[0] + last + 1)
+            ahead.index_copy_(1, (last + depth).view(1), guesses.index_select(1, last.view(1)))
+        self._drafts.copy_(ahead.index_select(1, last + self._offsets[1:]))
+
     def _prefill(self, input_ids: torch.Tensor) -> None:
-        """The prompt through the model, then through the MTP layer with the prompt's next tokens (the first new
-        token last): the draft of the second new token."""
+        """The prompt through the model, then through the depths with the prompt's later tokens (the first new token
+        last): the drafts of the tokens after the first new one."""
         prompt_length = input_ids.shape[1]
         self.cache.reset()
-        self.draft_cache.reset()
+        for cache in self.depth_caches:
+            cache.reset()
         self.tokens[:, :prompt_length] = input_ids
         positions = torch.arange(prompt_length, device=self.device)
         hidden = self._hidden_states(input_ids, positions)
         self.tokens[:, prompt_length] = self.model.lm_head(hidden[:, -1]).argmax(-1)
-        next_ids = self.tokens[:, 1 : prompt_length + 1]
-        guesses = self.model.guess_token_after_next(hidden, next_ids, positions.view(1, -1), self.draft_cache)
-        self._draft.copy_(guesses[:, -1:])
+        ahead = torch.cat([self.tokens[:, 1 : prompt_length + 1], self._drafts], dim=1)  # room for the drafts
+        last = torch.tensor(prompt_length - 1, device=self.device)
+        self._draft_chain(hidden, ahead, positions, last)
         self.length.fill_(prompt_length + 1)
         self._accepted.zero_()
 
     def _round(self) -> None:
         last = (self.length - 1).view(1)
         positions = last + self._offsets
-        hidden = self._hidden_states(torch.cat([self.tokens.index_select(1, last), self._draft], dim=1), positions)
-        greedy = self.model.lm_head(hidden).argmax(-1)  # after the last token, and after the draft
-        accepted = (greedy[0, 0] == self._draft[0, 0]).long()
+        hidden = self._hidden_states(torch.cat([self.tokens.index_select(1, last), self._drafts], dim=1), positions)
+        greedy = self.model.lm_head(hidden).argmax(-1)  # after the last token, and after each draft
+        accepted = (greedy[:, :-1] == self._drafts).long().cumprod(dim=1).sum()
         self.tokens.index_copy_(1, positions + 1, greedy)
         set_cache_length(self.cache, self.length + accepted)
-        guesses = self.model.guess_token_after_next(hidden, greedy, positions.view(1, -1), self.draft_cache)
-        set_cache_length(self.draft_cache, self.length + accepted)
-        self._draft.copy_(guesses.index_select(1, accepted.view(1)))
+        self._draft_chain(hidden, torch.cat([greedy, self._drafts], dim=1), positions, accepted)
         self._accepted.add_(accepted)
         self.length.add_(accepted + 1)
 
@@ -436,6 +448,24 @@ def check_self_speculation(model: torch.nn.Module, draft_passes: int, draft_toke
         )
     if not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"draft_tokens={draft_tokens!r} is invalid: must be a positive integer")
+
+
+def check_multi_token_speculation(model: torch.nn.Module, draft_tokens: int | None) -> int:
+    """The number of drafts a round: `draft_tokens`, or one per MTP depth."""
+    depths = getattr(model.config, "num_mtp_layers", 0)
+    if depths < 1:
+        raise ValueError(
+            f"{type(model).__name__} has no multi-token prediction layers (num_mtp_layers=0) to draft with: train one "
+            f"with num_mtp_layers >= 1, or draft with fewer passes (SelfSpeculativeDecoder)"
+        )
+    if draft_tokens is None:
+        return depths
+    if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= depths:
+        raise ValueError(
+            f"draft_tokens={draft_tokens!r} is invalid: one draft per multi-token prediction depth, so 1..{depths} "
+            f"(num_mtp_layers={depths})"
+        )
+    return draft_tokens
 
 
 def check_full_attention(config) -> None:
