@@ -185,6 +185,14 @@ def test_decoders_refuse_what_they_cannot_do(make, message):
         make()
 
 
+@pytest.mark.parametrize(("depths", "depth"), [(2, 3), (2, 0), (0, 1)])
+def test_predict_ahead_refuses_a_depth_the_model_does_not_have(depths, depth):
+    model = build(num_mtp_layers=depths)
+    states, ids = torch.zeros(1, 2, model.config.hidden_size), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"depth={depth} is invalid: this model has num_mtp_layers={depths}"):
+        model.predict_ahead(depth, states, ids, torch.arange(2).unsqueeze(0))
+
+
 @pytest.mark.parametrize(
     ("ids", "max_new_tokens", "message"),
     [
