@@ -13,10 +13,10 @@ one launch per token; the host reads nothing back until a stop check every `stop
 in Huginn and LayerSkip) and verifies the drafts with the full K in one forward. A whole round, drafting, verifying,
 accepting and rolling the caches back, is one CUDA graph with the accepted count kept on the device, so there is one
 host read per round. Accepted tokens are the full model's own argmaxes, so the output is plain greedy decoding's.
-`MultiTokenSpeculativeDecoder` drafts one token a round with the first multi-token prediction depth instead, which
-costs one decoder layer rather than a shallower model, and verifies it in the round's two-token forward.
+`MultiTokenSpeculativeDecoder` drafts with the multi-token prediction depths instead, one token and one decoder layer
+per depth rather than a shallower model per token, and verifies the drafts the same way.
 
-Both return what `model.generate(input_ids, do_sample=False, max_new_tokens=N)` returns: prompt and new tokens, rows
+All return what `model.generate(input_ids, do_sample=False, max_new_tokens=N)` returns: prompt and new tokens, rows
 that ended padded after their end token. Prompts in one call have one length (no padding), and the model decodes at
 a fixed number of passes (early exits are data-dependent control flow, which a CUDA graph cannot hold).
 """
@@ -231,6 +231,22 @@ class SpeculativeDecoder(GreedyDecoder):
         drafted = rounds * self.draft_tokens
         self.stats = SpeculationStats(rounds=rounds, drafted=drafted, accepted=int(self._accepted))
 
+    def _verifier_inputs(self, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the full model reads in a round: the sequence's last token and the drafts, and their positions."""
+        last = (self.length - 1).view(1)
+        return torch.cat([self.tokens.index_select(1, last), drafts], dim=1), last + self._offsets
+
+    def _accept(self, greedy: torch.Tensor, drafts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The full model's argmaxes after the last token and each draft are the output, up to the first draft they
+        disagree with (inclusive: there its own token replaces the draft). The cache is rolled back to the accepted
+        tokens, the length moves past them. Returns the number of accepted drafts."""
+        accepted = (greedy[:, :-1] == drafts).long().cumprod(dim=1).sum()
+        self.tokens.index_copy_(1, positions + 1, greedy)
+        set_cache_length(self.cache, self.length + accepted)
+        self._accepted.add_(accepted)
+        self.length.add_(accepted + 1)
+        return accepted
+
 
 class SelfSpeculativeDecoder(SpeculativeDecoder):
     """Greedy decoding of a looped Apex model at batch 1 that drafts `draft_tokens` tokens per round with
@@ -286,18 +302,10 @@ class SelfSpeculativeDecoder(SpeculativeDecoder):
         return self._draft(token, position.view(1))
 
     def _verify(self, drafts: torch.Tensor) -> None:
-        """The full model on the last token and the drafts: its argmaxes are the output, up to the first draft it
-        disagrees with (inclusive: there its own token replaces the draft). The cache is rolled back to the accepted
-        tokens, the length moves past them."""
-        last = (self.length - 1).view(1)
-        positions = last + self._offsets
-        inputs = torch.cat([self.tokens.index_select(1, last), drafts], dim=1)
+        """The full model on the last token and the drafts, its argmaxes accepted (`_accept`)."""
+        inputs, positions = self._verifier_inputs(drafts)
         greedy = self._forward(inputs, positions, self.cache, self.draft_tokens + 1).argmax(-1)
-        accepted = (greedy[:, :-1] == drafts).long().cumprod(dim=1).sum()
-        self.tokens.index_copy_(1, positions + 1, greedy)
-        set_cache_length(self.cache, self.length + accepted)
-        self._accepted.add_(accepted)
-        self.length.add_(accepted + 1)
+        self._accept(greedy, drafts, positions)
 
     def _round(self) -> None:
         drafts = [self._draft_catch_up()]
@@ -377,16 +385,11 @@ class MultiTokenSpeculativeDecoder(SpeculativeDecoder):
         self._accepted.zero_()
 
     def _round(self) -> None:
-        last = (self.length - 1).view(1)
-        positions = last + self._offsets
-        hidden = self._hidden_states(torch.cat([self.tokens.index_select(1, last), self._drafts], dim=1), positions)
+        inputs, positions = self._verifier_inputs(self._drafts)
+        hidden = self._hidden_states(inputs, positions)
         greedy = self.model.lm_head(hidden).argmax(-1)  # after the last token, and after each draft
-        accepted = (greedy[:, :-1] == self._drafts).long().cumprod(dim=1).sum()
-        self.tokens.index_copy_(1, positions + 1, greedy)
-        set_cache_length(self.cache, self.length + accepted)
+        accepted = self._accept(greedy, self._drafts, positions)
         self._draft_chain(hidden, torch.cat([greedy, self._drafts], dim=1), positions, accepted)
-        self._accepted.add_(accepted)
-        self.length.add_(accepted + 1)
 
 
 class StepRunner:
