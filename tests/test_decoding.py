@@ -23,7 +23,7 @@ def build(variant=None, **overrides):
 
 
 def looped(**overrides):
-    """K = 3 with the loop recipe, full attention only (what self-speculation takes)."""
+    """K = 3 with the loop recipe."""
     return build(num_refinement_steps=3, num_experts=4, num_experts_per_tok=2, **LOOP_RECIPE, **overrides)
 
 
@@ -165,6 +165,32 @@ def test_multi_token_speculative_decoder_stops_at_the_end_token():
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=end), expected)
 
 
+SLIDING_WINDOW_SPECULATION = {
+    "fewer passes": (
+        lambda: build("gqa", num_refinement_steps=3, **LOOP_RECIPE),
+        lambda model: SelfSpeculativeDecoder(model, max_length=40, draft_tokens=4),
+    ),
+    "multi-token prediction": (
+        lambda: build("gqa", num_mtp_layers=2),
+        lambda model: MultiTokenSpeculativeDecoder(model, max_length=40),
+    ),
+}
+
+
+@pytest.mark.parametrize("speculation", list(SLIDING_WINDOW_SPECULATION))
+def test_speculative_decoders_keep_what_sliding_window_layers_roll_back_to(speculation):
+    """Sliding-window layers (a window of 3, shorter than a round's drafts and the sequence): a rejected round must not
+    overwrite cache entries the next round reads, as a static cache's ring of `sliding_window` entries would. Same
+    tokens as `generate`, whose cache keeps each sliding layer's window, with drafts rejected along the way."""
+    make_model, make_decoder = SLIDING_WINDOW_SPECULATION[speculation]
+    model, ids = make_model(), prompt(batch=1)
+    assert "sliding_attention" in model.config.layer_types and model.config.sliding_window < NEW_TOKENS
+    decoder = make_decoder(model)
+    expected = reference(model, ids, eos_token_id=None)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+    assert decoder.stats.accepted < decoder.stats.drafted  # rolled back at least once
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -174,9 +200,7 @@ def test_multi_token_speculative_decoder_stops_at_the_end_token():
         (lambda: SelfSpeculativeDecoder(looped(), max_length=40, draft_passes=3), "draft_passes=3"),
         (lambda: SelfSpeculativeDecoder(build(), max_length=40), "draft_passes=1"),
         (lambda: SelfSpeculativeDecoder(looped(), max_length=40, draft_tokens=0), "draft_tokens=0"),
-        (lambda: SelfSpeculativeDecoder(build("gqa"), max_length=40), "sliding"),
         (lambda: MultiTokenSpeculativeDecoder(looped(), max_length=40), "num_mtp_layers=0"),
-        (lambda: MultiTokenSpeculativeDecoder(build("gqa", num_mtp_layers=1), max_length=40), "sliding"),
         (lambda: MultiTokenSpeculativeDecoder(looped(num_mtp_layers=2), max_length=40, draft_tokens=3), "1..2"),
     ],
 )

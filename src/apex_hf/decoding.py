@@ -23,6 +23,7 @@ a fixed number of passes (early exits are data-dependent control flow, which a C
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,13 +86,16 @@ class GreedyDecoder:
         self.max_length, self.batch_size, self.stop_check_every = max_length, batch_size, stop_check_every
         self.cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.capacity = max_length + self.lookahead
-        self.cache = StaticCache(config=model.config, max_cache_len=self.capacity)
+        self.cache = self._new_cache()
         self.tokens = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=self.device)
         self.length = torch.zeros((), dtype=torch.long, device=self.device)  # tokens of the sequence so far
         self._run = self._runner()
 
     def _runner(self) -> StepRunner:
         return StepRunner(self._step, self.compile, self.cuda_graph)
+
+    def _new_cache(self) -> StaticCache:
+        return StaticCache(config=self.model.config, max_cache_len=self.capacity)
 
     @torch.no_grad()
     def generate(
@@ -213,12 +217,20 @@ class SpeculativeDecoder(GreedyDecoder):
     draft_tokens = 1
 
     def __init__(self, model: torch.nn.Module, *, max_length: int, cuda_graph: bool | None, compile: bool | None):
-        check_full_attention(model.config)
         super().__init__(model, max_length=max_length, batch_size=1, cuda_graph=cuda_graph, compile=compile)
-        self.draft_cache = StaticCache(config=model.config, max_cache_len=self.capacity)
+        self.draft_cache = self._new_cache()
         self._offsets = torch.arange(self.draft_tokens + 1, device=self.device)
         self._accepted = torch.zeros((), dtype=torch.long, device=self.device)
         self.stats = SpeculationStats(rounds=0, drafted=0, accepted=0)
+
+    def _new_cache(self) -> StaticCache:
+        """A static cache that a round can roll back: every layer keeps every position. transformers' static cache
+        keeps a sliding-window layer's last `sliding_window` positions in a ring, where a round's rejected drafts would
+        overwrite entries that the next round still reads. Kept whole, those layers cost the full length of cache
+        (batch 1 here), and the model's sliding-window mask still limits what each query reads to the window."""
+        config = copy.copy(self.model.config)
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+        return StaticCache(config=config, max_cache_len=self.capacity)
 
     def _decode(self, prompt_length: int, max_new_tokens: int, eos_ids: torch.Tensor | None) -> None:
         rounds, target = 0, prompt_length + max_new_tokens
@@ -340,9 +352,7 @@ class MultiTokenSpeculativeDecoder(SpeculativeDecoder):
         self.lookahead = self.draft_tokens + 1
         super().__init__(model, max_length=max_length, cuda_graph=cuda_graph, compile=compile)
         # depth 1 uses the draft cache that every speculative decoder has; the others are built alike
-        self.depth_caches = [self.draft_cache] + [
-            StaticCache(config=model.config, max_cache_len=self.capacity) for _ in range(self.draft_tokens - 1)
-        ]
+        self.depth_caches = [self.draft_cache] + [self._new_cache() for _ in range(self.draft_tokens - 1)]
         self._drafts = torch.zeros(1, self.draft_tokens, dtype=torch.long, device=self.device)
 
     def _runner(self) -> StepRunner:
@@ -469,11 +479,3 @@ def check_multi_token_speculation(model: torch.nn.Module, draft_tokens: int | No
             f"(num_mtp_layers={depths})"
         )
     return draft_tokens
-
-
-def check_full_attention(config) -> None:
-    if set(config.layer_types) != {"full_attention"}:
-        raise ValueError(
-            f"layer_types {sorted(set(config.layer_types))}: a sliding-window cache overwrites the entries a rejected "
-            f"draft would roll back to; speculative decoding needs full attention in every layer"
-        )
