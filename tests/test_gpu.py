@@ -228,11 +228,18 @@ def test_graphed_greedy_decoding_matches_generate(batch):
         assert decoder._run.graph is not None
 
 
+@pytest.mark.parametrize("windows", [{}, dict(sliding_window=4, full_attention_interval=2)], ids=["full", "sliding"])
 @pytest.mark.parametrize("speculation", ["fewer passes", "multi-token prediction"])
-def test_graphed_speculative_decoding_matches_generate(speculation):
+def test_graphed_speculative_decoding_matches_generate(speculation, windows):
     torch.manual_seed(0)
     config = tiny_config(
-        num_refinement_steps=3, num_experts=4, num_experts_per_tok=2, num_mtp_layers=1, **LOOP_RECIPE, **GPU_SIZES
+        num_refinement_steps=3,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_mtp_layers=1,
+        **LOOP_RECIPE,
+        **GPU_SIZES,
+        **windows,
     )
     model = ApexForCausalLM._from_config(config, attn_implementation="sdpa").to("cuda").eval()
     prompt = ids(batch=1, length=9)
