@@ -702,7 +702,7 @@ class ApexTopKRouter(nn.Module):
             top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
         top_k_weights = top_k_weights * self.config.routed_scaling_factor
 
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # a training forward, as `ApexModel._is_training_forward`
             top_k_weights = self._training_extras(router_logits, top_k_index, top_k_weights)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
@@ -1151,7 +1151,7 @@ class ApexModel(ApexPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        if self.training:
+        if self._is_training_forward():
             self._update_router_biases()
 
         if not isinstance(causal_mask_mapping := attention_mask, dict):
@@ -1256,7 +1256,7 @@ class ApexModel(ApexPreTrainedModel):
         """Training forwards with the exit loss (`refinement_exit_loss_coef`): every pass but the last read out through
         the coda and the final norm, as if every token left the loop after it (with the memory it had then). Run
         without the cache: a training forward's cache, if any, belongs to the model's own coda run."""
-        if self.config.refinement_exit_loss_coef <= 0 or not self._trains_loop():
+        if self.config.refinement_exit_loss_coef <= 0 or not self._is_training_forward():
             return []
         refinement = getattr(self, "refinement", None)
         exit_states = []
@@ -1282,7 +1282,7 @@ class ApexModel(ApexPreTrainedModel):
         loop trains at full depth)."""
         if threshold is None:
             threshold = self.config.refinement_exit_threshold
-        if threshold is None or num_passes == 1 or self._trains_loop():
+        if threshold is None or num_passes == 1 or self._is_training_forward():
             return None
         if not hasattr(self, "refinement"):
             raise ValueError(
@@ -1307,14 +1307,15 @@ class ApexModel(ApexPreTrainedModel):
             return {layer_type: shared for layer_type in set(self.config.layer_types)}
         return {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(self.config.layer_types)}
 
-    def _trains_loop(self) -> bool:
-        """The loop training recipe applies to training forwards only: never in eval, never without gradients
-        (generation inside a trainer, e.g. GRPO's rollouts, runs the model in train mode under no_grad)."""
+    def _is_training_forward(self) -> bool:
+        """A forward that trains: the loop recipe and the routers' load balancing apply to it only, never in eval and
+        never without gradients (generation inside a trainer, e.g. GRPO's rollouts, runs the model in train mode
+        under no_grad)."""
         return self.training and torch.is_grad_enabled()
 
     def _resolve_refinement_steps(self, num_refinement_steps: int | None) -> int:
         if num_refinement_steps is None:
-            if self._trains_loop() and self.config.refinement_sampling != "fixed":
+            if self._is_training_forward() and self.config.refinement_sampling != "fixed":
                 return self._sample_training_passes()
             return self.config.num_refinement_steps
         if not 1 <= num_refinement_steps <= self.config.max_refinement_steps:
@@ -1340,7 +1341,7 @@ class ApexModel(ApexPreTrainedModel):
         """Truncated backpropagation through the loop (`refinement_backprop_steps`): passes before this one run
         without gradients."""
         keep = self.config.refinement_backprop_steps
-        if keep is None or not self._trains_loop():
+        if keep is None or not self._is_training_forward():
             return 0
         return max(num_passes - keep, 0)
 

@@ -181,7 +181,7 @@ def test_expert_capacity_drops_tokens_only_in_training():
     assert (router(hidden)[1] > 0).all()
 
 
-def test_aux_loss_free_bias_moves_only_in_training():
+def test_aux_loss_free_bias_moves_only_in_training_forwards():
     config = tiny_config("gqa")
     model = build(config)
     ids = torch.randint(3, 97, (2, 16))
@@ -191,6 +191,10 @@ def test_aux_loss_free_bias_moves_only_in_training():
         model(ids)
     assert all(r.e_score_correction_bias.abs().sum() == 0 for r in routers)
     model.train()
+    with torch.no_grad():  # generation inside a trainer (GRPO's rollouts): train mode, no gradients
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        model(ids)
+    assert all(r.e_score_correction_bias.abs().sum() == 0 and r.expert_load.sum() == 0 for r in routers)
     model(ids)  # accumulates the load of this step
     model(ids)  # applies it before routing
     biases = torch.stack([r.e_score_correction_bias for r in routers])
