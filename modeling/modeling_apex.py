@@ -12,6 +12,7 @@ This file is copied verbatim to the Hub by `save_pretrained`: it imports only to
 `configuration_apex.py`.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1690,6 +1691,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     _fsdp_plan = {"lm_head": "keep_full_weight"}
+    draft_passes: int | None = None  # set on the view that `fewer_passes_draft` returns
 
     def __init__(self, config: ApexConfig):
         super().__init__(config)
@@ -1736,7 +1738,7 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
-            num_refinement_steps=num_refinement_steps,
+            num_refinement_steps=self.draft_passes if num_refinement_steps is None else num_refinement_steps,
             refinement_exit_threshold=refinement_exit_threshold,
             **kwargs,
         )
@@ -1848,6 +1850,27 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         mask_function = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
         mask = mask_function(self.config, hidden_states, attention_mask, cache, position_ids)  # positional (forward)
         return mask, self.model.position_embeddings(hidden_states, position_ids)[layer_type]
+
+    def fewer_passes_draft(self, num_refinement_steps: int = 1) -> "ApexForCausalLM":
+        """This model at fewer passes of its shared core, as the draft of transformers' assisted generation:
+        `model.generate(ids, assistant_model=model.fewer_passes_draft(1))`. The draft proposes tokens at
+        `num_refinement_steps` passes, this model verifies them at its own K, so greedy output is this model's own
+        (self-speculation, as in Huginn and LayerSkip). Every weight and submodule is shared, nothing is copied: the
+        view has its own config (its K), generation config (assisted generation tunes the draft's) and hooks."""
+        passes = self.config.num_refinement_steps
+        if not isinstance(num_refinement_steps, int) or not 1 <= num_refinement_steps < passes:
+            raise ValueError(
+                f"num_refinement_steps={num_refinement_steps!r} is invalid for a draft: fewer passes than this "
+                f"model's num_refinement_steps={passes}, so 1..{passes - 1}"
+            )
+        draft = copy.copy(self)  # shares the submodules; the registries below are the view's own
+        for registry in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks"):
+            object.__setattr__(draft, registry, copy.copy(getattr(self, registry)))
+        draft.config = copy.copy(self.config)
+        draft.config.num_refinement_steps = num_refinement_steps
+        draft.generation_config = copy.deepcopy(self.generation_config)
+        draft.draft_passes = num_refinement_steps
+        return draft
 
     @torch.no_grad()
     def predict_ahead(

@@ -6,6 +6,8 @@ windows of the text it was trained on (measure_loop's split by file). bf16 weigh
 way decoding the same prompts for the same number of new tokens:
 
 * `generate`, dynamic cache (eager), and static cache (transformers compiles the forward);
+* `generate` with transformers' assisted generation, drafting with the same model at K = 1
+  (`assistant_model=model.fewer_passes_draft(1)`);
 * `GreedyDecoder`: the step compiled and captured as one CUDA graph;
 * `SelfSpeculativeDecoder` for each `--drafts` setting PASSESxTOKENS: drafts of that many tokens with that many passes,
   verified at the full K;
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda":
         static = dict(settings, cache_implementation="static")
         ways["generate, static cache (compiled)"] = lambda p: model.generate(p, **static)
+    draft = model.fewer_passes_draft(1)  # transformers' assisted generation, drafting at K = 1
+    ways["generate, assisted by K = 1"] = lambda p: model.generate(p, assistant_model=draft, **settings)
     graphed = GreedyDecoder(model, max_length=max_length)
     ways["graphed greedy"] = lambda p: graphed.generate(p, max_new_tokens=new, ignore_eos=True)
     decoders = {

@@ -165,6 +165,36 @@ def test_multi_token_speculative_decoder_stops_at_the_end_token():
     assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=end), expected)
 
 
+@pytest.mark.parametrize("variant", [None, "gqa"], ids=["full attention", "sliding windows"])
+def test_assisted_generation_with_a_fewer_passes_draft_is_greedy_decoding(variant):
+    """transformers' assisted generation, drafting with the same model at K = 1: the tokens of plain greedy decoding."""
+    model, ids = build(variant, num_refinement_steps=3, **LOOP_RECIPE), prompt(batch=1)
+    draft = model.fewer_passes_draft(1)
+    expected = reference(model, ids, eos_token_id=None)
+    assert torch.equal(reference(model, ids, eos_token_id=None, assistant_model=draft), expected)
+
+
+def test_fewer_passes_draft_shares_every_weight_and_leaves_the_model_alone():
+    model, ids = looped(), prompt(batch=1)
+    full = model(ids).logits
+    draft = model.fewer_passes_draft(2)
+    assert draft.config.num_refinement_steps == 2 and model.config.num_refinement_steps == 3
+    shared = {name: p.data_ptr() for name, p in model.named_parameters()}
+    assert {name: p.data_ptr() for name, p in draft.named_parameters()} == shared
+    assert torch.equal(draft(ids).logits, model(ids, num_refinement_steps=2).logits)
+    assert torch.equal(draft(ids, num_refinement_steps=1).logits, model(ids, num_refinement_steps=1).logits)
+    draft.generation_config.num_assistant_tokens = 9  # what assisted generation tunes on its draft
+    draft.register_forward_hook(lambda *args: None)
+    assert model.generation_config.num_assistant_tokens != 9 and not model._forward_hooks
+    assert torch.equal(model(ids).logits, full)
+
+
+@pytest.mark.parametrize("passes", [0, 3, 1.0])
+def test_fewer_passes_draft_refuses_passes_it_cannot_draft_with(passes):
+    with pytest.raises(ValueError, match=f"num_refinement_steps={passes!r}.*1..2"):
+        looped().fewer_passes_draft(passes)
+
+
 SLIDING_WINDOW_SPECULATION = {
     "fewer passes": (
         lambda: build("gqa", num_refinement_steps=3, **LOOP_RECIPE),
