@@ -211,7 +211,7 @@ def test_measure_decoding_on_the_cpu_times_every_way_with_the_same_tokens(tmp_pa
         "multi-token speculative, 1 MTP draft",
         "multi-token speculative, 2 MTP drafts",
     ]
-    assert list(rows) == ["generate, dynamic cache", "graphed greedy", *speculative]
+    assert list(rows) == ["generate, dynamic cache", "generate, assisted by K = 1", "graphed greedy", *speculative]
     assert all(row["same_tokens"] == 1.0 and row["tokens_per_s"] > 0 for row in rows.values())
     assert all(0 <= rows[way]["acceptance"] <= 1 for way in speculative)
     assert "| multi-token speculative, 1 MTP draft |" in capsys.readouterr().out
