@@ -24,7 +24,7 @@ from torch.compiler import is_compiling
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
@@ -1686,6 +1686,16 @@ class ApexMultiTokenPredictor(nn.Module):
         return hidden_states
 
 
+def crop_skips_empty_layers() -> bool:
+    """Whether the installed transformers' `DynamicLayer.crop` leaves a layer that holds nothing alone (5.22 on);
+    earlier versions slice its missing tensors. Feature-tested: Hub users run whatever version they have."""
+    try:
+        DynamicLayer().crop(-1)
+    except (TypeError, AttributeError):
+        return False
+    return True
+
+
 class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -1862,6 +1872,12 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"num_refinement_steps={num_refinement_steps!r} is invalid for a draft: fewer passes than this "
                 f"model's num_refinement_steps={passes}, so 1..{passes - 1}"
+            )
+        if not crop_skips_empty_layers():
+            raise RuntimeError(
+                "assisted generation crops every cache layer after each round, and this transformers version fails "
+                "on the layers a draft at fewer passes leaves empty (transformers >= 5.22 skips them): upgrade "
+                "transformers, or use apex_hf.decoding.SelfSpeculativeDecoder"
             )
         draft = copy.copy(self)  # shares the submodules; the registries below are the view's own
         for registry in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks"):

@@ -167,7 +167,7 @@ def test_multi_token_speculative_decoder_stops_at_the_end_token():
 
 @pytest.mark.parametrize("variant", [None, "gqa"], ids=["full attention", "sliding windows"])
 def test_assisted_generation_with_a_fewer_passes_draft_is_greedy_decoding(variant):
-    """transformers' assisted generation, drafting with the same model at K = 1: the tokens of plain greedy decoding."""
+    """transformers' assisted generation, drafting with the same model at K = 1: plain greedy decoding's tokens."""
     model, ids = build(variant, num_refinement_steps=3, **LOOP_RECIPE), prompt(batch=1)
     draft = model.fewer_passes_draft(1)
     expected = reference(model, ids, eos_token_id=None)
@@ -187,6 +187,19 @@ def test_fewer_passes_draft_shares_every_weight_and_leaves_the_model_alone():
     draft.register_forward_hook(lambda *args: None)
     assert model.generation_config.num_assistant_tokens != 9 and not model._forward_hooks
     assert torch.equal(model(ids).logits, full)
+
+
+def test_fewer_passes_draft_refuses_a_transformers_whose_crop_fails_on_empty_layers(monkeypatch):
+    """transformers before 5.22 slices the missing tensors of a cache layer that holds nothing when assisted generation
+    crops it, and a draft at fewer passes leaves the later passes' layers empty."""
+    from transformers.cache_utils import DynamicLayer
+
+    def crop_as_before_5_22(self, tokens_to_remove):
+        self.keys = self.keys[..., :tokens_to_remove, :]
+
+    monkeypatch.setattr(DynamicLayer, "crop", crop_as_before_5_22)
+    with pytest.raises(RuntimeError, match="transformers >= 5.22"):
+        looped().fewer_passes_draft(1)
 
 
 @pytest.mark.parametrize("passes", [0, 3, 1.0])
@@ -294,3 +307,21 @@ def test_compiled_steps_match_generate_in_one_graph_each_without_recompiling():
     for decoder in decoders:
         assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
     assert counters["stats"]["unique_graphs"] == 5
+
+
+def test_compiled_step_on_sliding_window_layers_compiles_once():
+    """Sliding-window layers (a window of 3, shorter than the output): the compiled greedy step is one graph that no
+    later step recompiles, so a captured graph replays what every later step would run. transformers' sliding static
+    layer counts its fill on the host, which recompiles the step as the count changes (and a captured graph would
+    replay one count); the decoders' caches keep every position instead."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, ids = build("gqa"), prompt(batch=1)
+    assert "sliding_attention" in model.config.layer_types and model.config.sliding_window < NEW_TOKENS
+    decoder = GreedyDecoder(model, max_length=40, compile=True)
+    for _ in range(2):
+        out = decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert torch.equal(out, reference(model, ids, eos_token_id=None))
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

@@ -95,7 +95,14 @@ class GreedyDecoder:
         return StepRunner(self._step, self.compile, self.cuda_graph)
 
     def _new_cache(self) -> StaticCache:
-        return StaticCache(config=self.model.config, max_cache_len=self.capacity)
+        """transformers' static cache with every layer keeping every position. Its sliding-window layers keep the last
+        `sliding_window` positions instead, in a ring that they track with a host-side count: a captured step would
+        replay the count of the step it was captured at, and a speculative round's rejected drafts would overwrite
+        entries that the next round reads. Kept whole, those layers cost the full length of cache, and the model's
+        sliding-window mask still limits what each query reads to its window."""
+        config = copy.copy(self.model.config)
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+        return StaticCache(config=config, max_cache_len=self.capacity)
 
     @torch.no_grad()
     def generate(
@@ -222,15 +229,6 @@ class SpeculativeDecoder(GreedyDecoder):
         self._offsets = torch.arange(self.draft_tokens + 1, device=self.device)
         self._accepted = torch.zeros((), dtype=torch.long, device=self.device)
         self.stats = SpeculationStats(rounds=0, drafted=0, accepted=0)
-
-    def _new_cache(self) -> StaticCache:
-        """A static cache that a round can roll back: every layer keeps every position. transformers' static cache
-        keeps a sliding-window layer's last `sliding_window` positions in a ring, where a round's rejected drafts would
-        overwrite entries that the next round still reads. Kept whole, those layers cost the full length of cache
-        (batch 1 here), and the model's sliding-window mask still limits what each query reads to the window."""
-        config = copy.copy(self.model.config)
-        config.layer_types = ["full_attention"] * len(config.layer_types)
-        return StaticCache(config=config, max_cache_len=self.capacity)
 
     def _decode(self, prompt_length: int, max_new_tokens: int, eos_ids: torch.Tensor | None) -> None:
         rounds, target = 0, prompt_length + max_new_tokens
