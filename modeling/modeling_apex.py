@@ -91,6 +91,13 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     return cache if cache is not None else past_key_values
 
 
+def is_training_forward(module: nn.Module) -> bool:
+    """A forward that trains: train mode with gradients. The loop recipe and the routers' load balancing apply to it
+    only, never in eval and never without gradients (generation inside a trainer, e.g. GRPO's rollouts, runs the model
+    in train mode under no_grad)."""
+    return module.training and torch.is_grad_enabled()
+
+
 def check_forward_kwargs(forward_owner: str, kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - ACCEPTED_FORWARD_KWARGS)
     if unknown:
@@ -703,7 +710,7 @@ class ApexTopKRouter(nn.Module):
             top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
         top_k_weights = top_k_weights * self.config.routed_scaling_factor
 
-        if self.training and torch.is_grad_enabled():  # a training forward, as `ApexModel._is_training_forward`
+        if is_training_forward(self):
             top_k_weights = self._training_extras(router_logits, top_k_index, top_k_weights)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
@@ -1152,7 +1159,7 @@ class ApexModel(ApexPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        if self._is_training_forward():
+        if is_training_forward(self):
             self._update_router_biases()
 
         if not isinstance(causal_mask_mapping := attention_mask, dict):
@@ -1257,7 +1264,7 @@ class ApexModel(ApexPreTrainedModel):
         """Training forwards with the exit loss (`refinement_exit_loss_coef`): every pass but the last read out through
         the coda and the final norm, as if every token left the loop after it (with the memory it had then). Run
         without the cache: a training forward's cache, if any, belongs to the model's own coda run."""
-        if self.config.refinement_exit_loss_coef <= 0 or not self._is_training_forward():
+        if self.config.refinement_exit_loss_coef <= 0 or not is_training_forward(self):
             return []
         refinement = getattr(self, "refinement", None)
         exit_states = []
@@ -1283,7 +1290,7 @@ class ApexModel(ApexPreTrainedModel):
         loop trains at full depth)."""
         if threshold is None:
             threshold = self.config.refinement_exit_threshold
-        if threshold is None or num_passes == 1 or self._is_training_forward():
+        if threshold is None or num_passes == 1 or is_training_forward(self):
             return None
         if not hasattr(self, "refinement"):
             raise ValueError(
@@ -1308,15 +1315,9 @@ class ApexModel(ApexPreTrainedModel):
             return {layer_type: shared for layer_type in set(self.config.layer_types)}
         return {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(self.config.layer_types)}
 
-    def _is_training_forward(self) -> bool:
-        """A forward that trains: the loop recipe and the routers' load balancing apply to it only, never in eval and
-        never without gradients (generation inside a trainer, e.g. GRPO's rollouts, runs the model in train mode
-        under no_grad)."""
-        return self.training and torch.is_grad_enabled()
-
     def _resolve_refinement_steps(self, num_refinement_steps: int | None) -> int:
         if num_refinement_steps is None:
-            if self._is_training_forward() and self.config.refinement_sampling != "fixed":
+            if is_training_forward(self) and self.config.refinement_sampling != "fixed":
                 return self._sample_training_passes()
             return self.config.num_refinement_steps
         if not 1 <= num_refinement_steps <= self.config.max_refinement_steps:
@@ -1342,7 +1343,7 @@ class ApexModel(ApexPreTrainedModel):
         """Truncated backpropagation through the loop (`refinement_backprop_steps`): passes before this one run
         without gradients."""
         keep = self.config.refinement_backprop_steps
-        if keep is None or not self._is_training_forward():
+        if keep is None or not is_training_forward(self):
             return 0
         return max(num_passes - keep, 0)
 
