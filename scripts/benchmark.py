@@ -50,6 +50,7 @@ from apex_hf.presets import get_preset
 
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
+TRAINING_LABELS = {"eager": "eager", "compiled": "compiled layers"}  # `--training-modes` -> the table's column
 DECODE_BATCHES = (1, 32)
 
 
@@ -234,7 +235,7 @@ def measure(name: str, compiled: bool, args: argparse.Namespace) -> dict:
     if compiled:
         compile_layers(model)
     experts = model.config._experts_implementation if getattr(model.config, "num_experts", 0) else None
-    row = {"model": name, "experts": experts, "training": "compiled layers" if compiled else "eager"}
+    row = {"model": name, "experts": experts, "training": TRAINING_LABELS["compiled" if compiled else "eager"]}
     if args.train:
         row.update(train(model, flops, args))
     gc.collect()
@@ -314,8 +315,16 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
     result = subprocess.run(command, capture_output=True, text=True)
     rows = [line.removeprefix(ROW_PREFIX) for line in result.stdout.splitlines() if line.startswith(ROW_PREFIX)]
     if result.returncode != 0 or not rows:
+        # The rows after it still run (GPU time is scarce, and one model's failure says nothing about the next);
+        # the failure is printed here, kept in the JSON and the table, and `main` exits non-zero at the end.
         print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
-        raise SystemExit(f"measuring {name} ({mode}) failed with exit code {result.returncode}")
+        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"measuring {name} ({mode}) failed with exit code {result.returncode}: {last_line}", flush=True)
+        return {
+            "model": name,
+            "training": TRAINING_LABELS[mode],
+            "failed": f"exit code {result.returncode}: {last_line[:200]}",
+        }
     print(f"{rows[0]}  ({time.perf_counter() - start:.0f} s)", flush=True)
     return json.loads(rows[0])
 
@@ -330,6 +339,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         dense = next((d for d in rows if d["model"] == "llama" and d["training"] == r["training"]), None)
         training_cells = ["-"] * 4  # decode-only rows (`--no-train`)
+        if "failed" in r:
+            lines.append(f"| {r['model']} | {r['training']} | failed: {r['failed']} |" + " - |" * 5)
+            continue
         if "train_tokens_per_s" in r:
             training_cells = [
                 f"{r['train_tokens_per_s']:,}",
@@ -368,7 +380,7 @@ def main() -> None:
     parser.add_argument(
         "--training-modes",
         nargs="+",
-        choices=["eager", "compiled"],
+        choices=list(TRAINING_LABELS),
         default=["eager", "compiled"],
         help="eager, and/or torch.compile of each decoder layer (compiled rows measure training only)",
     )
@@ -400,6 +412,9 @@ def main() -> None:
     for name in args.profile:
         for mode in args.training_modes:
             print(f"\n{profile(name, mode == 'compiled', args)}", flush=True)
+    failed = [f"{r['model']} ({r['training']})" for r in rows if "failed" in r]
+    if failed:
+        raise SystemExit(f"failed rows: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

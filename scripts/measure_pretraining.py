@@ -87,6 +87,8 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     recipe = summary["config"]
     batch, seq_len = recipe["per_device_train_batch_size"], recipe["seq_len"]
     benchmark = benchmark_step(preset, batch, seq_len, recipe["torch_compile"], args.out / "benchmark-step.json")
+    if "failed" in benchmark:  # the run's own numbers stay in its folder's stage_summary.json
+        return {"preset": preset, "error": f"the benchmark step failed, {benchmark['failed']}"}
     return {
         "preset": preset,
         "processes": summary["num_processes"],

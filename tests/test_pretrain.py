@@ -629,3 +629,22 @@ def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
     assert compiled[3:8] == ["80,000 (40.0)", "70,000", "100,000 (50.0)", "0.80", "0.88"]  # per GPU, and ratios
     assert compiled[8] == "30 s (0)" and eager[8] == "30 s"
     assert compiled[11] == "10 (1) / 3 / 12 (25) / 6"  # setup 9.7 s, the model built in 1.4; publishing beside
+
+
+def test_benchmark_reports_a_failed_row_and_goes_on():
+    """scripts/benchmark.py measures each row in its own process; one that fails (here: no GPU) is a row saying how,
+    in the table's columns, and the rows after it still run (`main` exits non-zero at the end)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    settings = dict(experts=None, batch=1, seq_len=8, warmup=0, steps=1, train=True, decode=False, out="unused.json")
+    failed = script.run_isolated("apex:bench-moe", "compiled", argparse.Namespace(**settings))
+    assert failed["model"] == "apex:bench-moe" and failed["training"] == "compiled layers"
+    assert failed["failed"].startswith("exit code 1: ") and "none is available" in failed["failed"]
+    measured = {"model": "llama", "training": "compiled layers", "train_tokens_per_s": 100, "mfu": 0.5}
+    lines = script.table([{**measured, "train_peak_gib": 1.0}, failed]).splitlines()
+    assert len({line.count("|") for line in lines}) == 1  # every row has the header's columns
+    assert "| apex:bench-moe | compiled layers | failed: exit code 1: " in lines[3]
