@@ -1755,9 +1755,10 @@ class ApexForCausalLM(ApexPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         # A training forward with labels builds no logits (as Liger's does): its loss is computed in chunks of the
-        # hidden states (`chunked_causal_lm_loss`), and trainers read only the loss. Evaluation returns the logits.
+        # hidden states (`chunked_causal_lm_loss`), and trainers read only the loss. Evaluation, and any forward
+        # without gradients (nothing is kept for a backward there), returns the logits.
         whole_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
-        skip_logits = self.training and labels is not None and whole_logits
+        skip_logits = is_training_forward(self) and labels is not None and whole_logits
         logits = None if skip_logits else self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         loss = None

@@ -116,6 +116,10 @@ def test_logits_are_returned_except_by_a_training_forward_with_labels():
     inputs = batch()
     assert model(**inputs).logits is None and model(**inputs).loss is not None
     assert model(inputs["input_ids"]).logits.shape == (2, 12, 97)  # no labels
+    with torch.no_grad():  # train mode without gradients (a trainer's own no-grad pass): nothing to save memory for
+        no_grad = model(**inputs)
+    assert no_grad.logits.shape == (2, 12, 97)
+    torch.testing.assert_close(no_grad.loss, model(**inputs).loss)
     model.eval()
     evaluated = model(**inputs)
     assert evaluated.logits.shape == (2, 12, 97)
