@@ -403,6 +403,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in args.training_modes:
+        if mode == "compiled" and not args.train:
+            continue  # compiled rows measure training only: with `--no-train` they would be empty
         for name in args.models:
             if mode == "eager" or not name.startswith("lora:"):
                 rows.append(run_isolated(name, mode, args))

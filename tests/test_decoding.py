@@ -44,6 +44,24 @@ def test_greedy_decoder_matches_generate_and_is_reused(variant):
         assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "mistral"])
+def test_greedy_decoder_decodes_transformers_own_models(family):
+    """`scripts/benchmark.py` decodes transformers' Llama and Qwen3-MoE with it too. Their configs have no
+    `layer_types` (Mistral's has a `sliding_window` instead), which the decoder's cache must do without."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16) if family == "qwen3_moe" else {}
+    extra |= dict(sliding_window=4) if family == "mistral" else {}
+    config = AutoConfig.for_model(family, vocab_size=97, intermediate_size=32, **shape, **extra)
+    assert getattr(config, "layer_types", None) is None
+    torch.manual_seed(0)
+    model, ids = AutoModelForCausalLM.from_config(config).eval(), prompt()
+    decoder = GreedyDecoder(model, max_length=40, batch_size=2)
+    expected = reference(model, ids, eos_token_id=None)
+    assert torch.equal(decoder.generate(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True), expected)
+
+
 def test_greedy_decoder_stops_and_pads_as_generate():
     model, ids = build("gqa"), prompt()
     free_running = reference(model, ids, eos_token_id=None)

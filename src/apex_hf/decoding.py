@@ -34,6 +34,8 @@ from transformers import StaticCache
 
 # Calls of a step before it is captured: the first compiles, the next ones show that nothing recompiles any more.
 WARMUP_CALLS = 3
+# transformers' cache layer types that keep a window of positions in a ring (`_new_cache` keeps every position instead)
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding", "reference_sliding_attention")
 
 
 @dataclass
@@ -101,7 +103,10 @@ class GreedyDecoder:
         entries that the next round reads. Kept whole, those layers cost the full length of cache, and the model's
         sliding-window mask still limits what each query reads to its window."""
         config = copy.copy(self.model.config)
-        config.layer_types = ["full_attention"] * len(config.layer_types)
+        # Models without `layer_types` (Llama, Qwen3-MoE) get one from transformers by the same rule, so naming it
+        # here keeps windowed layers (a `sliding_window` or `attention_chunk_size` config) whole there too.
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        config.layer_types = ["full_attention" if kind in WINDOWED_LAYER_TYPES else kind for kind in layer_types]
         return StaticCache(config=config, max_cache_len=self.capacity)
 
     @torch.no_grad()
