@@ -22,9 +22,11 @@ default experts implementation on a GPU (`--experts` overrides both): transforme
 Each model and mode runs in its own process (clean memory counters, no compiled graphs carried over). Prints a
 markdown table and writes JSON, after every row. All rows take about 7 minutes on an H200 with warm torch.compile
 caches and about 10.5 with cold ones (most of it compiling each model's decode step at both batch sizes); the
-training modes can run apart:
+training modes can run apart, and a run stopped early (a time limit) finishes with `--resume`, which keeps the rows
+it wrote:
 
     python scripts/benchmark.py --out runs/benchmark.json
+    python scripts/benchmark.py --out runs/benchmark.json --resume
     python scripts/benchmark.py --training-modes compiled --out runs/benchmark_compiled.json
 """
 
@@ -51,6 +53,8 @@ from apex_hf.presets import get_preset
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
 TRAINING_LABELS = {"eager": "eager", "compiled": "compiled layers"}  # `--training-modes` -> the table's column
+# the arguments a row's numbers depend on: `--resume` keeps an earlier row only where they are the same
+ROW_SETTINGS = ("experts", "batch", "seq_len", "warmup", "steps", "train", "decode", "decode_batches")
 DECODE_BATCHES = (1, 32)
 
 
@@ -329,6 +333,30 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
     return json.loads(rows[0])
 
 
+def earlier_rows(out: Path, report: dict, resume: bool) -> dict[tuple[str, str], dict]:
+    """The rows a run that stopped early (a time limit, a crash) wrote to `out`, by (model, training), for `--resume`
+    to keep: only from the same GPU, torch and `ROW_SETTINGS`, and never its failed rows (the models and modes may
+    differ: a resumed run can also add rows). Without `--resume` an existing
+    `out` is refused: it holds a finished measurement."""
+    if not out.exists():
+        return {}
+    if not resume:
+        raise SystemExit(f"{out} exists; choose another --out, or pass --resume to finish the run that wrote it")
+    written = json.loads(out.read_text())
+    for key in ("device", "torch"):
+        if written.get(key) != report[key]:
+            raise SystemExit(
+                f"--resume: {out} was measured with {key} {written.get(key)!r}, this run has {report[key]!r}"
+            )
+    for key in ROW_SETTINGS:
+        value = report["args"][key]
+        if written["args"].get(key) != value:
+            raise SystemExit(
+                f"--resume: {out} was measured with {key} = {written['args'].get(key)!r}, this run has {value!r}"
+            )
+    return {(row["model"], row["training"]): row for row in written["rows"] if "failed" not in row}
+
+
 def table(rows: list[dict]) -> str:
     """One line per model and training mode; "vs Llama" compares with Llama trained the same way."""
     lines = [
@@ -391,7 +419,17 @@ def main() -> None:
         default=[],
         help="models whose training step and decode are also profiled (top kernels)",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/benchmark.json"),
+        help="JSON, written after every row; an existing file is refused unless --resume",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows that an interrupted run with the same GPU and arguments wrote to --out; measure the rest",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scripts/benchmark.py measures a CUDA GPU; none is available")
@@ -400,6 +438,7 @@ def main() -> None:
         return
     device = torch.cuda.get_device_name()
     report = {"device": device, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+    earlier = earlier_rows(args.out, report, args.resume)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in args.training_modes:
@@ -407,7 +446,8 @@ def main() -> None:
             continue  # compiled rows measure training only: with `--no-train` they would be empty
         for name in args.models:
             if mode == "eager" or not name.startswith("lora:"):
-                rows.append(run_isolated(name, mode, args))
+                row = earlier.get((name, TRAINING_LABELS[mode])) or run_isolated(name, mode, args)
+                rows.append(row)
                 args.out.write_text(json.dumps({**report, "rows": rows}, indent=2))  # kept if a later row fails
     print(f"\n{device}, torch {torch.__version__}, batch {args.batch} x {args.seq_len}\n")
     print(table(rows))

@@ -4,6 +4,7 @@ learning-rate schedules, a tiny end-to-end run from the apex-tiny recipe, and re
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -631,15 +632,21 @@ def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
     assert compiled[11] == "10 (1) / 3 / 12 (25) / 6"  # setup 9.7 s, the model built in 1.4; publishing beside
 
 
-def test_benchmark_reports_a_failed_row_and_goes_on():
-    """scripts/benchmark.py measures each row in its own process; one that fails (here: no GPU) is a row saying how,
-    in the table's columns, and the rows after it still run (`main` exits non-zero at the end)."""
-    import argparse
+def _benchmark_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "scripts" / "benchmark.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_benchmark_reports_a_failed_row_and_goes_on():
+    """scripts/benchmark.py measures each row in its own process; one that fails (here: no GPU) is a row saying how,
+    in the table's columns, and the rows after it still run (`main` exits non-zero at the end)."""
+    import argparse
+
+    script = _benchmark_script()
     settings = dict(experts=None, batch=1, seq_len=8, warmup=0, steps=1, train=True, decode=False, out="unused.json")
     failed = script.run_isolated("apex:bench-moe", "compiled", argparse.Namespace(**settings))
     assert failed["model"] == "apex:bench-moe" and failed["training"] == "compiled layers"
@@ -648,3 +655,24 @@ def test_benchmark_reports_a_failed_row_and_goes_on():
     lines = script.table([{**measured, "train_peak_gib": 1.0}, failed]).splitlines()
     assert len({line.count("|") for line in lines}) == 1  # every row has the header's columns
     assert "| apex:bench-moe | compiled layers | failed: exit code 1: " in lines[3]
+
+
+def test_benchmark_refuses_its_finished_output_and_resumes_only_a_run_measured_alike(tmp_path):
+    script = _benchmark_script()
+    settings = {key: "1" for key in script.ROW_SETTINGS}
+    report = {"device": "H100", "torch": "2.11", "args": {**settings, "models": "['llama']"}}
+    out = tmp_path / "benchmark.json"
+    assert script.earlier_rows(out, report, resume=False) == {}  # nothing there yet
+    measured = {"model": "llama", "training": "eager", "train_tokens_per_s": 100}
+    failed = {"model": "qwen3_moe", "training": "eager", "failed": "exit code 1: OOM"}
+    out.write_text(json.dumps({**report, "rows": [measured, failed]}))
+    with pytest.raises(SystemExit, match="benchmark.json exists; .* --resume"):
+        script.earlier_rows(out, report, resume=False)
+    more_models = {**report, "args": {**settings, "models": "['llama', 'qwen3_moe']"}}  # a resumed run may add rows
+    assert script.earlier_rows(out, more_models, resume=True) == {
+        ("llama", "eager"): measured
+    }  # failed: measured again
+    with pytest.raises(SystemExit, match="measured with device 'H100', this run has 'H200'"):
+        script.earlier_rows(out, {**report, "device": "H200"}, resume=True)
+    with pytest.raises(SystemExit, match="measured with seq_len = '1', this run has '4096'"):
+        script.earlier_rows(out, {**report, "args": {**settings, "seq_len": "4096"}}, resume=True)
