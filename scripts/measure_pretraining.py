@@ -54,8 +54,21 @@ def command(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def run_folder(args: argparse.Namespace, preset: str) -> Path:
+    return args.work / f"{preset}-{args.tag}"
+
+
+def check_outputs_are_new(args: argparse.Namespace) -> None:
+    """A measurement is finished work: its JSON and run folders are replaced only with `--overwrite`, and the refusal
+    comes before the first run, not after the first preset's."""
+    existing = [args.out / f"pretraining-{args.tag}.json", *(run_folder(args, preset) for preset in args.presets)]
+    existing = [str(path) for path in existing if path.exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"{', '.join(existing)} exist(s): pass --overwrite to replace, or choose another --tag")
+
+
 def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
-    output_dir = args.work / f"{preset}-{args.tag}"
+    output_dir = run_folder(args, preset)
     datasets = (
         f"[{{path: text, data_files: data/tiny_corpus.txt, sample_by: paragraph, source: prose, weight: 0.1}}, "
         f"{{path: text, data_files: {corpus_path}, sample_by: paragraph, source: arithmetic, weight: 0.9}}]"
@@ -73,8 +86,16 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
     ]
     started = time.perf_counter()
     run = subprocess.run(
-        # a measurement run again with the same tag replaces the earlier one (whole, once it is complete)
-        [*command(args), "pretrain", "--config", str(RECIPE), "--overwrite", *overrides],
+        # with --overwrite, a measurement run again with the same tag replaces the earlier one (whole, once it is
+        # complete); without it, `check_outputs_are_new` has refused an earlier one before anything ran
+        [
+            *command(args),
+            "pretrain",
+            "--config",
+            str(RECIPE),
+            *(["--overwrite"] if args.overwrite else []),
+            *overrides,
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -177,7 +198,9 @@ def main() -> None:
     parser.add_argument("--accelerate-config", default=None)
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--tag", default="1gpu", help="suffix of the run folders and the JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier measurement with the same tag")
     args, args.overrides = parser.parse_known_args()
+    check_outputs_are_new(args)
     args.out.mkdir(parents=True, exist_ok=True)
     corpus_path = write_corpus(args.work / "arithmetic_corpus.txt", args.corpus_mb)
     rows = [measure(args, preset, corpus_path) for preset in args.presets]

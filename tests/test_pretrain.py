@@ -676,3 +676,20 @@ def test_benchmark_refuses_its_finished_output_and_resumes_only_a_run_measured_a
         script.earlier_rows(out, {**report, "device": "H200"}, resume=True)
     with pytest.raises(SystemExit, match="measured with seq_len = '1', this run has '4096'"):
         script.earlier_rows(out, {**report, "args": {**settings, "seq_len": "4096"}}, resume=True)
+
+
+def test_measure_pretraining_refuses_an_earlier_measurement_before_running(tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "measure_pretraining", REPO_ROOT / "scripts" / "measure_pretraining.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = argparse.Namespace(out=tmp_path / "out", work=tmp_path / "work", presets=["a", "b"], tag="1gpu")
+    script.check_outputs_are_new(argparse.Namespace(**vars(args), overwrite=False))  # nothing there yet
+    (tmp_path / "work" / "b-1gpu").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="work/b-1gpu exist.*--overwrite"):
+        script.check_outputs_are_new(argparse.Namespace(**vars(args), overwrite=False))
+    script.check_outputs_are_new(argparse.Namespace(**vars(args), overwrite=True))
