@@ -336,8 +336,8 @@ def run_isolated(name: str, mode: str, args: argparse.Namespace) -> dict:
 def earlier_rows(out: Path, report: dict, resume: bool) -> dict[tuple[str, str], dict]:
     """The rows a run that stopped early (a time limit, a crash) wrote to `out`, by (model, training), for `--resume`
     to keep: only from the same GPU, torch and `ROW_SETTINGS`, and never its failed rows (the models and modes may
-    differ: a resumed run can also add rows). Without `--resume` an existing
-    `out` is refused: it holds a finished measurement."""
+    differ: a resumed run can also add rows). Without `--resume` an existing `out` is refused: it holds a finished
+    measurement."""
     if not out.exists():
         return {}
     if not resume:

@@ -103,8 +103,8 @@ class GreedyDecoder:
         entries that the next round reads. Kept whole, those layers cost the full length of cache, and the model's
         sliding-window mask still limits what each query reads to its window."""
         config = copy.copy(self.model.config)
-        # Models without `layer_types` (Llama, Qwen3-MoE) get one from transformers by the same rule, so naming it
-        # here keeps windowed layers (a `sliding_window` or `attention_chunk_size` config) whole there too.
+        # A config without `layer_types` (Llama, Qwen3-MoE, Mistral) leaves them to transformers, which makes every
+        # layer a windowed one where the config sets `sliding_window`: naming them here keeps those whole too.
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         config.layer_types = ["full_attention" if kind in WINDOWED_LAYER_TYPES else kind for kind in layer_types]
         return StaticCache(config=config, max_cache_len=self.capacity)
