@@ -601,15 +601,20 @@ def test_streamed_weighted_sources_resume_where_they_stopped():
     assert all(torch.equal(a, b) for a, b in zip(expected, _take(resumed, 5)))
 
 
+def _script(name: str):
+    """scripts/NAME.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
     """scripts/measure_pretraining.py's table: steady and whole-run tokens/s per GPU, their ratios to the benchmark
     step and to each other, and the warm-up with the graphs compiled after it (for a compiled run only)."""
-    import importlib.util
-
-    path = REPO_ROOT / "scripts" / "measure_pretraining.py"
-    spec = importlib.util.spec_from_file_location("measure_pretraining", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("measure_pretraining")
     row = dict(
         preset="bench-moe", processes=2, parameters=2.6e9, active_parameters=0.5e9, compiled=True,
         steady_tokens_per_second=160_000.0, tokens_per_second=150_000.0, steady_mfu_percent=40.0,
@@ -632,21 +637,12 @@ def test_measure_pretraining_table_puts_the_loop_beside_the_benchmark_step():
     assert compiled[11] == "10 (1) / 3 / 12 (25) / 6"  # setup 9.7 s, the model built in 1.4; publishing beside
 
 
-def _benchmark_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "scripts" / "benchmark.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_benchmark_reports_a_failed_row_and_goes_on():
     """scripts/benchmark.py measures each row in its own process; one that fails (here: no GPU) is a row saying how,
     in the table's columns, and the rows after it still run (`main` exits non-zero at the end)."""
     import argparse
 
-    script = _benchmark_script()
+    script = _script("benchmark")
     settings = dict(experts=None, batch=1, seq_len=8, warmup=0, steps=1, train=True, decode=False, out="unused.json")
     failed = script.run_isolated("apex:bench-moe", "compiled", argparse.Namespace(**settings))
     assert failed["model"] == "apex:bench-moe" and failed["training"] == "compiled layers"
@@ -658,7 +654,7 @@ def test_benchmark_reports_a_failed_row_and_goes_on():
 
 
 def test_benchmark_refuses_its_finished_output_and_resumes_only_a_run_measured_alike(tmp_path):
-    script = _benchmark_script()
+    script = _script("benchmark")
     settings = {key: "1" for key in script.ROW_SETTINGS}
     report = {"device": "H100", "torch": "2.11", "args": {**settings, "models": "['llama']"}}
     out = tmp_path / "benchmark.json"
@@ -680,13 +676,8 @@ def test_benchmark_refuses_its_finished_output_and_resumes_only_a_run_measured_a
 
 def test_measure_pretraining_refuses_an_earlier_measurement_before_running(tmp_path):
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "measure_pretraining", REPO_ROOT / "scripts" / "measure_pretraining.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("measure_pretraining")
     args = argparse.Namespace(out=tmp_path / "out", work=tmp_path / "work", presets=["a", "b"], tag="1gpu")
     script.check_outputs_are_new(argparse.Namespace(**vars(args), overwrite=False))  # nothing there yet
     (tmp_path / "work" / "b-1gpu").mkdir(parents=True)

@@ -34,8 +34,6 @@ from transformers import StaticCache
 
 # Calls of a step before it is captured: the first compiles, the next ones show that nothing recompiles any more.
 WARMUP_CALLS = 3
-# transformers' cache layer types that keep a window of positions in a ring (`_new_cache` keeps every position instead)
-WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding", "reference_sliding_attention")
 
 
 @dataclass
@@ -105,8 +103,8 @@ class GreedyDecoder:
         config = copy.copy(self.model.config)
         # A config without `layer_types` (Llama, Qwen3-MoE, Mistral) leaves them to transformers, which makes every
         # layer a windowed one where the config sets `sliding_window`: naming them here keeps those whole too.
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-        config.layer_types = ["full_attention" if kind in WINDOWED_LAYER_TYPES else kind for kind in layer_types]
+        layers = len(config.layer_types) if getattr(config, "layer_types", None) else config.num_hidden_layers
+        config.layer_types = ["full_attention"] * layers
         return StaticCache(config=config, max_cache_len=self.capacity)
 
     @torch.no_grad()
