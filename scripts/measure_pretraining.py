@@ -124,6 +124,7 @@ def measure(args: argparse.Namespace, preset: str, corpus_path: Path) -> dict:
         "steady_mfu_percent": summary["steady_mfu"],
         "warmup_seconds": summary["warmup_seconds"],
         "graphs_compiled_after_warmup": summary["graphs_compiled_after_warmup"],
+        "loop_tokens_per_second": summary["loop_tokens_per_second"],
         "whole_run_tokens_per_second": summary["whole_run_tokens_per_second"],
         "compiled": recipe["torch_compile"],
         "benchmark_step_tokens_per_second": benchmark["train_tokens_per_s"],
@@ -151,18 +152,20 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Tokens/s per GPU: steady state (after the first log window) and whole run (wall clock, loading and saving
-    included), beside the benchmark step at the same shape; their ratios are the loop's overheads."""
+    """Tokens/s per GPU: steady state (after the first log window), the loop (first evaluation to last step:
+    warm-up, evaluations and checkpoints included) and the whole run (the process's wall clock: setup and final save
+    too), beside the benchmark step at the same shape; their ratios are the loop's overheads."""
     lines = [
-        "| preset | GPUs | params (active) | steady tokens/s per GPU (MFU %) | whole run | benchmark step (MFU %) "
-        "| steady / benchmark | whole / steady | warm-up (graphs compiled after it) | peak GiB | held-out loss "
+        "| preset | GPUs | params (active) | steady tokens/s per GPU (MFU %) | loop | whole run "
+        "| benchmark step (MFU %) | steady / benchmark | loop / steady | whole / steady "
+        "| warm-up (graphs compiled after it) | peak GiB | held-out loss "
         "| seconds outside the steps: setup (model) / evaluation / checkpoints (publishing beside the steps) "
         "/ final save |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | failed: see JSON | | | | | | | | | | |")
+            lines.append(f"| {r['preset']} | failed: see JSON | | | | | | | | | | | | |")
             continue
         phases = r["wall_seconds_by_phase"]
         setup = sum(phases.get(name, 0.0) for name in SETUP_PHASES)
@@ -174,14 +177,15 @@ def table(rows: list[dict]) -> str:
         recompiled = r["graphs_compiled_after_warmup"]
         warmup = f"{_number(r['warmup_seconds'], '.0f')} s" + ("" if recompiled is None else f" ({recompiled})")
         steady = (r["steady_tokens_per_second"] or r["tokens_per_second"]) / r["processes"]
+        loop = r["loop_tokens_per_second"] / r["processes"]
         whole = r["whole_run_tokens_per_second"] / r["processes"]
         benchmark = r["benchmark_step_tokens_per_second"]
         lines.append(
             f"| {r['preset']}{' (compiled)' if r['compiled'] else ''} | {r['processes']} "
             f"| {r['parameters'] / 1e9:.2f}B ({r['active_parameters'] / 1e9:.2f}B) "
-            f"| {steady:,.0f} ({_number(r['steady_mfu_percent'], '.1f')}) | {whole:,.0f} "
+            f"| {steady:,.0f} ({_number(r['steady_mfu_percent'], '.1f')}) | {loop:,.0f} | {whole:,.0f} "
             f"| {benchmark:,.0f} ({_number(r['benchmark_step_mfu_percent'], '.1f')}) "
-            f"| {steady / benchmark:.2f} | {whole / steady:.2f} | {warmup} "
+            f"| {steady / benchmark:.2f} | {loop / steady:.2f} | {whole / steady:.2f} | {warmup} "
             f"| {_number(r['peak_memory_gib'], '.1f')} "
             f"| {r['eval_loss_before']:.2f} -> {r['eval_loss_after']:.2f} | {outside} |"
         )

@@ -131,6 +131,8 @@ class PretrainRun:
     use_router_logits: bool = field(init=False)
     # checkpoints are hashed, flushed and renamed into place in the background (see `checkpoint.py`)
     publisher: CheckpointPublisher = field(init=False, default_factory=CheckpointPublisher)
+    # wall-clock seconds of `train`: from the first evaluation to the last step's, warm-up and checkpoints included
+    loop_seconds: float = field(init=False, default=0.0)
 
     def __post_init__(self):
         self.output_dir = Path(self.config.output_dir)
@@ -197,6 +199,7 @@ class PretrainRun:
     def train(self) -> None:
         """The step loop, from the first step not taken yet to `max_steps`. From its start, a SIGTERM ends in a
         checkpoint rather than in lost steps."""
+        started = time.perf_counter()
         if self.held_out is not None and self.start_step == 0:
             self.evaluate(0)
         self.model.train()
@@ -208,6 +211,7 @@ class PretrainRun:
                 with self.log.paused():
                     self.between_steps(step, stop)
         self.log.close()
+        self.loop_seconds = time.perf_counter() - started
 
     def step(self) -> tuple[float, Any]:
         """One optimizer step over `gradient_accumulation_steps` batches: the learning rate it used and the gradient
@@ -308,6 +312,7 @@ class PretrainRun:
         tokens_per_second = tokens_seen / max(log.train_seconds, 1e-9)
         steady_tokens_per_second, warmup_seconds = log.steady_state()
         wall_seconds = time.perf_counter() - self.started
+        tokens_this_process = (config.max_steps - self.start_step) * log.tokens_per_step  # a resumed run: its own
         eval_losses = log.eval_losses()
         return {
             "eval_loss_before": eval_losses[0] if eval_losses else None,
@@ -316,13 +321,15 @@ class PretrainRun:
             "train_runtime": log.train_seconds,
             "train_tokens_per_second": tokens_per_second,
             "mfu": log.mfu(tokens_per_second),
-            # after the first log window (its seconds: `warmup_seconds`), and over this process's wall-clock time
-            # (loading, evaluation and checkpoints included)
+            # after the first log window (its seconds: `warmup_seconds`); over the loop, from the first evaluation to
+            # the last step (warm-up, evaluations and checkpoints included); and over this process's wall-clock time
+            # (setup and final save too)
             "steady_tokens_per_second": steady_tokens_per_second,
             "steady_mfu": log.mfu(steady_tokens_per_second) if steady_tokens_per_second else None,
             "warmup_seconds": warmup_seconds,
             "graphs_compiled_after_warmup": log.graphs_compiled_after_warmup(),
-            "whole_run_tokens_per_second": (config.max_steps - self.start_step) * log.tokens_per_step / wall_seconds,
+            "loop_tokens_per_second": tokens_this_process / max(self.loop_seconds, 1e-9),
+            "whole_run_tokens_per_second": tokens_this_process / wall_seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "wall_seconds": wall_seconds,
             # where the wall clock went: the training steps (warm-up included; a resumed run's earlier steps too) and
