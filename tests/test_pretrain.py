@@ -87,6 +87,33 @@ def test_document_boundary_target_is_ignored_by_the_model_loss():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_evaluation_compiles_nothing_in_a_compiled_run():
+    """Held-out evaluation runs the regionally compiled layers eagerly: no graph is built for its no-grad forwards
+    (dynamo guards on grad mode, so they would be a second set beside training's), and its loss is the plain model's
+    cross-entropy over every target that is not a document start."""
+    from accelerate import Accelerator
+    from accelerate.utils import compile_regions
+
+    from apex_hf.pretrain.log import compiled_graphs
+
+    torch.manual_seed(0)
+    model = ApexForCausalLM(tiny_config()).train()
+    rows = pack_rows(documents([6, 9, 4, 7, 10, 5, 8]), seq_len=12)
+    expected = train_module.evaluate(model, rows, batch_size=len(rows[0]), accelerator=Accelerator(cpu=True))
+    batch = make_batch(*rows)
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        logits = model.eval()(**inputs).logits
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep]).item()
+    assert expected == pytest.approx(reference, rel=1e-6)
+    compiled = compile_regions(model.train())
+    graphs = compiled_graphs()
+    loss = train_module.evaluate(compiled, rows, batch_size=len(rows[0]), accelerator=Accelerator(cpu=True))
+    assert compiled_graphs() == graphs and loss == pytest.approx(expected) and compiled.training
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("variant", ["gqa", "mla"])
 def test_packed_row_attends_only_within_documents(variant, attn_implementation):
