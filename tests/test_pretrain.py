@@ -3,6 +3,7 @@ learning-rate schedules, a tiny end-to-end run from the apex-tiny recipe, and re
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -112,6 +113,11 @@ def test_evaluation_compiles_nothing_in_a_compiled_run():
     graphs = compiled_graphs()
     loss = train_module.evaluate(compiled, rows, batch_size=len(rows[0]), accelerator=Accelerator(cpu=True))
     assert compiled_graphs() == graphs and loss == pytest.approx(expected) and compiled.training
+    # flex_attention's kernel exists only compiled (eagerly it holds every whole score matrix): it stays compiled
+    assert not isinstance(train_module.evaluation_stance(model.config), contextlib.nullcontext)
+    flex = tiny_config()
+    flex._attn_implementation = "flex_attention"
+    assert isinstance(train_module.evaluation_stance(flex), contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

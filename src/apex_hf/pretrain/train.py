@@ -388,10 +388,6 @@ def restore(
     return trainer_state["global_step"], trainer_state["log_history"], trainer_state["train_runtime"]
 
 
-# Eagerly, also in a compiled run: evaluation is a few batches without gradients, and dynamo guards on grad mode, so in
-# regionally compiled layers it compiled a second set of graphs, as many as training's own (the tiny recipe: 19 graphs
-# that doubled its compilation time; bench-moe on an H200: 12.5 s of evaluation in a 300-step run).
-@torch.compiler.set_stance("force_eager")
 @torch.no_grad()
 def evaluate(model, rows, batch_size: int, accelerator: Accelerator, output_router_logits: bool = False) -> float:
     """Mean next-token cross-entropy over every held-out target, all processes together. Computed from the logits:
@@ -401,17 +397,29 @@ def evaluate(model, rows, batch_size: int, accelerator: Accelerator, output_rout
     input_ids, starts = rows
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for start in range(0, len(input_ids), batch_size):
-        batch = make_batch(input_ids[start : start + batch_size], starts[start : start + batch_size])
-        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-        logits = model(**inputs, use_cache=False, output_router_logits=output_router_logits).logits
-        targets = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        sums += torch.stack([loss.double(), (targets != -100).sum().double()])
+    with evaluation_stance(accelerator.unwrap_model(model).config):
+        for start in range(0, len(input_ids), batch_size):
+            batch = make_batch(input_ids[start : start + batch_size], starts[start : start + batch_size])
+            batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+            logits = model(**inputs, use_cache=False, output_router_logits=output_router_logits).logits
+            targets = batch["labels"][:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            sums += torch.stack([loss.double(), (targets != -100).sum().double()])
     model.train()
     total, tokens = accelerator.reduce(sums, "sum").tolist()
     return total / tokens
+
+
+def evaluation_stance(config) -> contextlib.AbstractContextManager:
+    """Evaluation runs compiled layers eagerly: it is a few batches without gradients, and dynamo guards on grad
+    mode, so in regionally compiled layers it compiled a second set of graphs, as many as training's own (the tiny
+    recipe: 19 graphs, doubling its compilation time; bench-moe on an H200: 12.5 s of evaluation in a 300-step run).
+    Except under flex_attention, whose kernel exists only compiled: run eagerly, it would hold every head's whole
+    score matrix."""
+    if config._attn_implementation == "flex_attention":
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 class ExpertLoadSync:
