@@ -113,7 +113,7 @@ def test_evaluation_compiles_nothing_in_a_compiled_run():
     graphs = compiled_graphs()
     loss = train_module.evaluate(compiled, rows, batch_size=len(rows[0]), accelerator=Accelerator(cpu=True))
     assert compiled_graphs() == graphs and loss == pytest.approx(expected) and compiled.training
-    # flex_attention's kernel exists only compiled (eagerly it holds every whole score matrix): it stays compiled
+    # flex_attention's kernel exists only compiled (eagerly it would hold each head's whole score matrix): it stays
     assert not isinstance(train_module.evaluation_stance(model.config), contextlib.nullcontext)
     flex = tiny_config()
     flex._attn_implementation = "flex_attention"
