@@ -3,10 +3,10 @@
 Runs `apex-hf pretrain` with `recipes/bench-moe/pretrain.yaml` (300 steps of 8 x 2048 tokens, bf16) for each preset,
 each in its own process (clean peak-memory counters), on a generated arithmetic corpus of `--corpus-mb` MB plus the
 shipped prose corpus, and reads the numbers from each run's `stage_summary.json`: tokens/s in the steady state (after
-the first log window, which holds the warm-up and any compilation) and over the whole run (wall clock), MFU
-(torchtitan's convention, `apex_hf.counting`), peak memory, held-out loss before and after, and the time a checkpoint
-takes. Beside each run, in the same invocation, `scripts/benchmark.py`'s training step of the same preset at the
-same batch, sequence length and compile mode: the speed the loop is held to.
+the first log window, which holds the warm-up and any compilation), over the loop (first evaluation to last step) and
+over the whole run (wall clock), MFU (torchtitan's convention, `apex_hf.counting`), peak memory, held-out loss
+before and after, and the time a checkpoint takes. Beside each run, in the same invocation, `scripts/benchmark.py`'s
+training step of the same preset at the same batch, sequence length and compile mode: the speed the loop is held to.
 `--accelerate-config recipes/accelerate/fsdp2.yaml --num-processes 2` runs the same under `accelerate launch`.
 
     python scripts/measure_pretraining.py --out runs/pretraining
