@@ -155,17 +155,17 @@ def table(rows: list[dict]) -> str:
     """Tokens/s per GPU: steady state (after the first log window), the loop (first evaluation to last step:
     warm-up, evaluations and checkpoints included) and the whole run (the process's wall clock: setup and final save
     too), beside the benchmark step at the same shape; their ratios are the loop's overheads."""
-    lines = [
-        "| preset | GPUs | params (active) | steady tokens/s per GPU (MFU %) | loop | whole run "
-        "| benchmark step (MFU %) | steady / benchmark | loop / steady | whole / steady "
-        "| warm-up (graphs compiled after it) | peak GiB | held-out loss "
-        "| seconds outside the steps: setup (model) / evaluation / checkpoints (publishing beside the steps) "
-        "/ final save |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    columns = [
+        *("preset", "GPUs", "params (active)", "steady tokens/s per GPU (MFU %)", "loop", "whole run"),
+        *("benchmark step (MFU %)", "steady / benchmark", "loop / steady", "whole / steady"),
+        *("warm-up (graphs compiled after it)", "peak GiB", "held-out loss"),
+        "seconds outside the steps: setup (model) / evaluation / checkpoints (publishing beside the steps) "
+        "/ final save",
     ]
+    lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | failed: see JSON | | | | | | | | | | | | |")
+            lines.append(f"| {r['preset']} | failed: see JSON |" + " |" * (len(columns) - 2))
             continue
         phases = r["wall_seconds_by_phase"]
         setup = sum(phases.get(name, 0.0) for name in SETUP_PHASES)
