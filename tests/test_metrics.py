@@ -119,3 +119,31 @@ def test_multi_token_prediction_loss_is_logged():
     assert stats.pop()["apex/mtp_loss"] == pytest.approx(sum(losses) / 2)
     model(tokens).logits.sum()  # no labels, no MTP loss: nothing to record
     assert "apex/mtp_loss" not in stats.pop()
+
+
+def test_statistics_in_compiled_layers_recompile_nothing_and_match_eager():
+    """Traced by torch.compile, the hooks' counts and names became guards that failed on every router call: a layer
+    recompiled on each step until Dynamo's limit. They run eagerly instead: after the first step no graph is built,
+    and the statistics are the uncompiled model's."""
+    from accelerate.utils import compile_regions
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    input_ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    logged = []
+    for compiled in (False, True):
+        model = build("gqa")
+        stats = ApexTrainingStats(model)
+        if compiled:
+            model = compile_regions(model, backend="eager")  # the guards are Dynamo's: no need to generate code
+        for step in range(3):
+            if step == 1:
+                graphs_after_first_step = counters["stats"]["unique_graphs"]
+            model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
+        logged.append(stats.pop())
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_step > 0
+    assert logged[1].keys() == logged[0].keys() and len(logged[0]) > 4
+    for name, value in logged[0].items():
+        if name.startswith("apex/"):
+            assert logged[1][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    torch._dynamo.reset()

@@ -98,6 +98,13 @@ def _is_recording(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled()
 
 
+def _eager_hook(hook):
+    """The statistics hooks run eagerly, also inside compiled layers. Traced by torch.compile, their Python
+    bookkeeping (the sums' names, the counts) becomes guards that change on every call: each router recompiled its
+    layer until Dynamo's limit of 8, which then left that frame eager for the rest of the run."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
 class ApexTrainingStats:
     def __init__(self, model: nn.Module, prefix: str = "apex/"):
         self.prefix = prefix
@@ -125,6 +132,7 @@ class ApexTrainingStats:
         self._sums[name] = self._sums[name] + value.detach().float()
         self._counts[name] += 1
 
+    @_eager_hook
     def _record_backbone(self, module, args, kwargs, output) -> None:
         if not _is_recording(module):
             return
@@ -145,11 +153,13 @@ class ApexTrainingStats:
             self._last_memory = None
             self._record_memory(refinement, memory, padding_mask)
 
+    @_eager_hook
     def _record_multi_token_prediction(self, module, args, output) -> None:
         mtp_loss = getattr(output, "mtp_loss", None)
         if _is_recording(module) and mtp_loss is not None:
             self._add("mtp_loss", mtp_loss)
 
+    @_eager_hook
     def _record_refinement(self, module, args, output) -> None:
         # Every pass overwrites it: what the backbone's hook finds is the last pass's memory.
         if _is_recording(module):
@@ -165,6 +175,7 @@ class ApexTrainingStats:
         weights = padding_mask[:, -mean_square.shape[1] :].float()  # a cached step's mask covers the past too
         self._add("memory_rms", ((mean_square * weights).sum() / weights.sum().clamp(min=1)).sqrt())
 
+    @_eager_hook
     def _record_router(self, layer: str, module, args, output) -> None:
         if not _is_recording(module):
             return
