@@ -100,8 +100,8 @@ def _is_recording(module: nn.Module) -> bool:
 
 def _eager_hook(hook):
     """The statistics hooks run eagerly, also inside compiled layers. Traced by torch.compile, their Python
-    bookkeeping (the sums' names, the counts) becomes guards that change on every call: each router recompiled its
-    layer until Dynamo's limit of 8, which then left that frame eager for the rest of the run."""
+    bookkeeping (how many sums it holds, each count) becomes guards that fail on the next call: each router call
+    recompiled the frame holding the hook until Dynamo's limit of 8, which then left that frame eager for good."""
     return torch.compiler.disable(hook, recursive=True)
 
 
