@@ -270,6 +270,12 @@ RECIPE_CASES = [
     ("pretrain", ["--learning_rate", "fast"], ValueError, ["learning_rate='fast'", "a number"]),
     ("pretrain", ["--learning_rate", ".inf"], ValueError, ["learning_rate=inf", "finite"]),
     ("pretrain", ["--torch_compile", "sometimes"], ValueError, ["torch_compile='sometimes'", "true, false or auto"]),
+    (
+        "pretrain",
+        ["--checkpoint_staging_dir", "no/such/folder"],
+        ValueError,
+        ["checkpoint_staging_dir='no/such/folder'", "an existing folder"],
+    ),
     ("pretrain", ["--max_step", "3"], ValueError, ["'max_step'", "did you mean 'max_steps'"]),
     ("pretrain", ["--tokenizer.train_vocab_size", "many"], ValueError, ["[tokenizer]", "train_vocab_size='many'"]),
     (

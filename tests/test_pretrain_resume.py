@@ -20,7 +20,14 @@ from accelerate import Accelerator
 
 from apex_hf.pretrain import checkpoint as checkpoint_module
 from apex_hf.pretrain import pretrain
-from apex_hf.pretrain.checkpoint import CheckpointPublisher, publish_checkpoint, save_checkpoint
+from apex_hf.pretrain.checkpoint import (
+    CheckpointPublisher,
+    check_staging_room,
+    move_staged,
+    publish_checkpoint,
+    save_checkpoint,
+    staged_folder,
+)
 from apex_hf.stage_folder import first_manifest_problem, is_finished, read_log_history, read_summary, write_manifest
 
 
@@ -123,8 +130,11 @@ def test_sigkill_resume_matches_an_uninterrupted_run_and_skips_a_truncated_check
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, uninterrupted):
-    output_dir = tmp_path / "out"
-    run = _start(output_dir)
+    """Through a staging folder (`checkpoint_staging_dir`): the checkpoints it stages resume exactly, and none is
+    left in it."""
+    output_dir, staging = tmp_path / "out", tmp_path / "staging"
+    staging.mkdir()
+    run = _start(output_dir, "--checkpoint_staging_dir", str(staging))
     _wait_for(output_dir / "checkpoint-10", run)
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=120)
@@ -144,6 +154,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path, uninte
     losses = _losses(output_dir)
     assert losses[120] == pytest.approx(uninterrupted[120], abs=LOSS_TOLERANCE)
     assert sorted(losses) == sorted(uninterrupted)
+    assert list(staging.iterdir()) == []
 
 
 def test_resume_errors(tmp_path, monkeypatch):
@@ -160,11 +171,22 @@ def test_resume_errors(tmp_path, monkeypatch):
         pretrain(TINY_RECIPE, ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
 
 
-def _save(output_dir: Path, step: int, tokenizer, publisher: CheckpointPublisher, total_limit: int | None = None):
+def _save(
+    output_dir: Path,
+    step: int,
+    tokenizer,
+    publisher: CheckpointPublisher | None,
+    total_limit: int | None = None,
+    staging_dir: Path | None = None,
+):
     accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
     accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
-    return save_checkpoint(accelerator, output_dir, step, {}, {"log_history": []}, tokenizer, total_limit, publisher)
+    trainer_state = {"log_history": []}
+    return save_checkpoint(
+        accelerator, output_dir, step, {}, trainer_state, tokenizer, total_limit, publisher, staging_dir
+    )
 
 
 def test_checkpoints_are_published_in_the_background_and_their_errors_raised(tmp_path, monkeypatch, tiny_tokenizer):
@@ -194,6 +216,40 @@ def test_checkpoints_are_published_in_the_background_and_their_errors_raised(tmp
     with pytest.raises(OSError, match="No space left"):
         publisher.wait()
     assert (tmp_path / ".checkpoint-30.partial").is_dir() and not (tmp_path / "checkpoint-30").exists()
+
+
+def test_a_staged_checkpoint_is_moved_to_the_disk_in_the_background(tmp_path, monkeypatch, tiny_tokenizer):
+    """With a staging folder, the state is written there and the publisher moves it next to the run, where it holds
+    the same files and bytes as one written in place; the staging folder is left empty."""
+    staging, publisher, released = tmp_path / "shm", CheckpointPublisher(), threading.Event()
+    staging.mkdir()
+
+    def move_when_released(written, partial):
+        assert released.wait(timeout=60)
+        move_staged(written, partial)
+
+    monkeypatch.setattr(checkpoint_module, "move_staged", move_when_released)
+    staged = _save(tmp_path / "staged", 10, tiny_tokenizer, publisher, staging_dir=staging)
+    assert publisher.busy and not (tmp_path / "staged" / ".checkpoint-10.partial").exists()
+    written = staged_folder(staging, staged.with_name(".checkpoint-10.partial"))
+    assert list(staging.iterdir()) == [written] and (written / "optimizer.bin").is_file()
+    released.set()
+    publisher.wait()
+    in_place = _save(tmp_path / "in_place", 10, tiny_tokenizer, publisher=None)  # written in place, at once
+    assert list(staging.iterdir()) == [] and first_manifest_problem(staged) is None
+    manifests = [json.loads((folder / "manifest.json").read_text())["files"] for folder in (staged, in_place)]
+    assert manifests[0] == manifests[1]
+
+
+def test_the_staging_folder_is_refused_without_room_or_across_machines(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(ValueError, match=r"checkpoint_staging_dir='.*' has .* GiB free, .* about 1048576.0 GiB"):
+        check_staging_room(tmp_path, 2**50, accelerator)
+    check_staging_room(tmp_path, 1, accelerator)
+    monkeypatch.setattr(Accelerator, "num_processes", 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="works on one machine; this run spans 2"):
+        check_staging_room(tmp_path, 1, accelerator)
 
 
 def test_a_failing_run_finishes_publishing_its_checkpoint_first(tmp_path, monkeypatch):

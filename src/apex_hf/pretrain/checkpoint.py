@@ -15,11 +15,19 @@ optimizer state), flushing them to disk, the rename and the rotation need nothin
 `CheckpointPublisher` does them in a background thread while the next steps run, as torchtitan's asynchronous
 checkpointing does. A run killed before the rename leaves only `.checkpoint-<step>.partial`, which resuming ignores.
 
+Writing the state itself is bound by the disk: bench-moe's 31 GB took 40 s on an H100 machine, steps stopped. With
+`checkpoint_staging_dir` (a folder in host memory, such as /dev/shm) the state is written there instead, at memory
+speed, and the publisher first moves it to `.checkpoint-<step>.partial` on the disk, beside the steps: torchtitan's
+asynchronous checkpointing stages to host memory for the same reason. The manifest, the rename and what a crash
+leaves are as without it (a crash mid-move leaves a `.partial` folder and the staged copy, which the next save of that
+checkpoint replaces).
+
 These checkpoints are for resuming (`resume_from_checkpoint: latest`); the model to use is the final folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,13 +77,14 @@ class CheckpointPublisher:
         self._in_flight: Future | None = None
         self.seconds = 0.0  # spent publishing, beside the training steps
 
-    def submit(self, partial: Path, final: Path, total_limit: int | None) -> None:
+    def submit(self, written: Path, partial: Path, final: Path, total_limit: int | None) -> None:
         self.wait()
-        self._in_flight = self._executor.submit(self._publish, partial, final, total_limit)
+        self._in_flight = self._executor.submit(self._publish, written, partial, final, total_limit)
 
-    def _publish(self, partial: Path, final: Path, total_limit: int | None) -> None:
+    def _publish(self, written: Path, partial: Path, final: Path, total_limit: int | None) -> None:
         started = time.perf_counter()
         try:
+            move_staged(written, partial)
             publish_checkpoint(partial, final, total_limit)
         finally:
             self.seconds += time.perf_counter() - started
@@ -103,6 +112,21 @@ def publish_checkpoint(partial: Path, final: Path, total_limit: int | None) -> N
             _delete(old)
 
 
+def staged_folder(staging_dir: Path, partial: Path) -> Path:
+    """Where `partial`'s state is written in `staging_dir`: named for its absolute path, the same name on every
+    process, and different for two runs that share the staging folder."""
+    key = hashlib.sha256(str(partial.resolve()).encode()).hexdigest()[:16]
+    return staging_dir / f"apex-hf-{key}"
+
+
+def move_staged(written: Path, partial: Path) -> None:
+    """A checkpoint written in the staging folder moved to `partial` on the disk (copied, then the staged copy
+    deleted, when they are different file systems); nothing to do for one written in place."""
+    if written != partial:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.move(written, partial)
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
@@ -112,31 +136,54 @@ def save_checkpoint(
     tokenizer,
     total_limit: int | None = None,
     publisher: CheckpointPublisher | None = None,
+    staging_dir: Path | None = None,
 ) -> Path:
     """Write the state for `output_dir/checkpoint-<step>`; every process calls it (saving sharded state is
-    collective). The main process then publishes it (`publish_checkpoint`): before returning, or through `publisher`
-    in the background, in which case the folder appears later. Returns the folder's name."""
+    collective), into `.checkpoint-<step>.partial` or, given `staging_dir`, into host memory. The main process then
+    publishes it (`move_staged`, `publish_checkpoint`): before returning, or through `publisher` in the background,
+    in which case the folder appears later. Returns the folder's name."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
+    written = partial if staging_dir is None else staged_folder(staging_dir, partial)
     if accelerator.is_main_process:
         if publisher is not None:
             publisher.wait()
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run that died while saving
-        partial.mkdir(parents=True)
+        for leftover in {partial, written}:  # left by a run that died while saving
+            shutil.rmtree(leftover, ignore_errors=True)
+        written.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    write_json(partial / f"data_state_{accelerator.process_index}.json", data_state)
+    accelerator.save_state(str(written))
+    write_json(written / f"data_state_{accelerator.process_index}.json", data_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(partial)
-        write_trainer_state(partial, trainer_state)
-        write_json(partial / CHECKPOINT_INFO, {"step": step, "num_processes": accelerator.num_processes})
+        tokenizer.save_pretrained(written)
+        write_trainer_state(written, trainer_state)
+        write_json(written / CHECKPOINT_INFO, {"step": step, "num_processes": accelerator.num_processes})
         if publisher is None:
+            move_staged(written, partial)
             publish_checkpoint(partial, final, total_limit)
         else:
-            publisher.submit(partial, final, total_limit)
+            publisher.submit(written, partial, final, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_staging_room(staging_dir: Path, state_bytes: int, accelerator: Accelerator) -> None:
+    """Refuse `checkpoint_staging_dir` before training where a checkpoint could not be staged: across machines (each
+    would stage in its own memory, and only the main process moves the files) or without room for `state_bytes`."""
+    machines = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if machines > 1:
+        raise ValueError(
+            f"checkpoint_staging_dir={str(staging_dir)!r} works on one machine; this run spans {machines}: "
+            "leave it out (checkpoints are then written to output_dir directly)"
+        )
+    free = shutil.disk_usage(staging_dir).free
+    if free < state_bytes:
+        raise ValueError(
+            f"checkpoint_staging_dir={str(staging_dir)!r} has {free / 2**30:.1f} GiB free, and a checkpoint of this "
+            f"model and optimizer takes about {state_bytes / 2**30:.1f} GiB: choose a larger folder (in host memory, "
+            "such as /dev/shm), or leave it out"
+        )
 
 
 def _delete(folder: Path) -> None:

@@ -276,6 +276,9 @@ class PretrainConfig:
     save_steps: int = 0  # a resumable checkpoint-<step> every save_steps (and on SIGTERM); 0: only on SIGTERM
     save_total_limit: int | None = None  # keep only the newest checkpoints; None: keep all
     resume_from_checkpoint: str | None = None  # "latest" (the newest complete checkpoint-<step>) or a folder
+    # a folder in host memory (e.g. /dev/shm) where checkpoints are written first, so that training waits for memory
+    # rather than the disk; they are moved to output_dir in the background (`checkpoint.py`). One machine only.
+    checkpoint_staging_dir: str | None = None
     num_workers: int = 0  # processes that tokenize a map-style dataset (datasets.map num_proc); 0: this one
     report_to: list[str] | str = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard, wandb]
     peak_tflops: float | None = None  # per device, for MFU; default: the bf16 dense peak of a known GPU
@@ -307,6 +310,12 @@ class PretrainConfig:
             "> 0 or null",
         )
         _require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops, "> 0 or null")
+        _require(
+            self.checkpoint_staging_dir is None or Path(self.checkpoint_staging_dir).is_dir(),
+            "checkpoint_staging_dir",
+            self.checkpoint_staging_dir,
+            "an existing folder (in host memory, such as /dev/shm) or null",
+        )
         self._check_trackers()
         _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")

@@ -55,6 +55,7 @@ from .checkpoint import (
     CheckpointPublisher,
     StopRequest,
     TrainingStopped,
+    check_staging_room,
     find_checkpoints,
     restore_checkpoint,
     save_checkpoint,
@@ -167,6 +168,9 @@ class PretrainRun:
             train_batches, held_out = build_batches(config, accelerator, tokenizer, sources, held_out_documents)
         # ZeRO-3 may partition the weights as they are built: `ds_numel` is a partitioned parameter's full size
         num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        if config.checkpoint_staging_dir:  # weights and AdamW's two moments, each the weights' size
+            weight_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+            check_staging_room(Path(config.checkpoint_staging_dir), 3 * weight_bytes, accelerator)
         counts = count(model.config, seq_len=config.seq_len)
         with timed(phases, "prepare"):
             model, optimizer, scheduler = prepare_training(accelerator, model, config)
@@ -266,6 +270,7 @@ class PretrainRun:
                 self.tokenizer,
                 self.config.save_total_limit,
                 self.publisher,
+                Path(self.config.checkpoint_staging_dir) if self.config.checkpoint_staging_dir else None,
             )
         self.say(f"saved the state of {folder} in {elapsed():.1f}s (published once hashed and flushed to disk)")
         return folder
