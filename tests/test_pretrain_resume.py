@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -218,11 +220,22 @@ def test_checkpoints_are_published_in_the_background_and_their_errors_raised(tmp
     assert (tmp_path / ".checkpoint-30.partial").is_dir() and not (tmp_path / "checkpoint-30").exists()
 
 
-def test_a_staged_checkpoint_is_moved_to_the_disk_in_the_background(tmp_path, monkeypatch, tiny_tokenizer):
+@pytest.fixture
+def host_memory_folder(tmp_path):
+    """A folder in /dev/shm where there is one (another file system than tmp_path's, so the move copies), else in
+    tmp_path."""
+    root = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    folder = Path(tempfile.mkdtemp(dir=root))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_staged_checkpoint_is_moved_to_the_disk_in_the_background(
+    tmp_path, monkeypatch, tiny_tokenizer, host_memory_folder
+):
     """With a staging folder, the state is written there and the publisher moves it next to the run, where it holds
     the same files and bytes as one written in place; the staging folder is left empty."""
-    staging, publisher, released = tmp_path / "shm", CheckpointPublisher(), threading.Event()
-    staging.mkdir()
+    staging, publisher, released = host_memory_folder, CheckpointPublisher(), threading.Event()
 
     def move_when_released(written, partial):
         assert released.wait(timeout=60)
